@@ -1,0 +1,238 @@
+"""Baselines (control variates) for score-function terms.
+
+A baseline :math:`b` for a site :math:`z` turns its score-function term into
+:math:`(D_z - b)\\nabla \\log q(z)`, where :math:`D_z` is the site's *downstream cost* (the
+sum of the costs its score term multiplies). It stays unbiased as long as :math:`b` does not
+depend on the sample :math:`z` itself. In the surrogate loss it enters in the form of Mao et
+al. (2019, "A Baseline for Any Order Gradient Estimation in Stochastic Computation Graphs"),
+
+.. math:: (1 - \\boxdot(l_z))\\,\\boxdot\\Big(\\sum_{w \\prec z} l_w\\Big)\\, \\bot(b),
+
+which has value zero, reduces the variance of first-order gradients and of higher orders.
+A baseline whose value requires grad (:class:`Learned`, Pyro's ``nn_baseline`` and
+``baseline_value``) is trained by squared error to the detached downstream cost, through a
+term of value zero, so the loss value is unchanged.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import pyro
+import torch
+
+from storch_pyro.errors import StorchError
+
+
+@dataclass
+class BaselineContext:
+    """What a baseline may look at: never the site's own sample.
+
+    :ivar site: the site's name.
+    :ivar sample_dim: the (negative) dim of the site's own samples, or ``None`` if it has one.
+    :ivar n_samples: samples drawn at the site.
+    :ivar args: positional arguments of the model/guide the site lives in.
+    :ivar kwargs: keyword arguments of the model/guide.
+    """
+
+    site: str
+    sample_dim: Optional[int]
+    n_samples: int
+    args: Tuple[Any, ...] = ()
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+class Baseline:
+    """Base class: a control variate subtracted from a site's downstream cost."""
+
+    def check(self, site: str, n_samples: int) -> None:
+        """Raises a :class:`~storch_pyro.errors.StorchError` if unusable at this site."""
+
+    def __call__(self, ctx: BaselineContext, downstream_cost: torch.Tensor) -> torch.Tensor:
+        """Returns :math:`b`, broadcastable to ``downstream_cost`` (the detached
+        :math:`D_z`, shaped like the site's batch shape). Stateful baselines update their
+        state here, *after* computing :math:`b`, so :math:`b` never depends on this sample."""
+        raise NotImplementedError
+
+
+def _param_store_state(name: str) -> Optional[torch.Tensor]:
+    store = pyro.get_param_store()
+    return store[name] if name in store else None
+
+
+class MovingAverage(Baseline):
+    """Exponential moving average of past downstream costs (e.g. Mnih & Gregor 2014, §3.3).
+
+    .. math:: b_t = \\beta\\, b_{t-1} + (1-\\beta)\\, \\overline{D}_{t-1},
+
+    where :math:`\\overline{D}` is the mean downstream cost of the site over its batch and
+    sample dims. It is updated *after* use, so :math:`b_t` only depends on earlier steps and
+    the estimator stays unbiased. The first step uses :math:`b = 0` and sets the average to
+    the first cost. The state lives in Pyro's param store under
+    ``"storch_pyro.baseline.<site>.moving_average"``, so it is saved and loaded with
+    ``pyro.get_param_store().save/load``. Only gradient computations
+    (``loss_and_grads``, ``differentiable_loss``) update it.
+
+    :param float decay: :math:`\\beta \\in [0, 1)`.
+
+    Example::
+
+        estimators.ScoreFunction(baseline=baselines.MovingAverage(0.9))
+    """
+
+    def __init__(self, decay: float = 0.9) -> None:
+        if not 0.0 <= float(decay) < 1.0:
+            raise ValueError(f"MovingAverage: decay must be in [0, 1), got {decay!r}")
+        self.decay = float(decay)
+
+    @staticmethod
+    def param_name(site: str) -> str:
+        """The param-store name of the average kept for ``site``."""
+        return f"storch_pyro.baseline.{site}.moving_average"
+
+    def __call__(self, ctx: BaselineContext, downstream_cost: torch.Tensor) -> torch.Tensor:
+        name = self.param_name(ctx.site)
+        state = _param_store_state(name)
+        mean_cost = downstream_cost.detach().mean()
+        if state is None:
+            pyro.get_param_store()[name] = mean_cost.clone()
+            return torch.zeros_like(mean_cost)
+        baseline = state.detach().clone()
+        with torch.no_grad():
+            state.mul_(self.decay).add_(mean_cost, alpha=1.0 - self.decay)
+        return baseline
+
+    def __repr__(self) -> str:
+        return f"MovingAverage(decay={self.decay})"
+
+
+class LeaveOneOut(Baseline):
+    """Leave-one-out baseline of REINFORCE with k samples (RLOO; Kool, van Hoof & Welling
+    2019, "Buy 4 REINFORCE samples, get a baseline for free!").
+
+    .. math:: b_i = \\frac{1}{k-1} \\sum_{j \\ne i} D_j,
+
+    so the estimator is :math:`\\frac{1}{k-1}\\sum_i (D_i - \\bar D)\\nabla\\log q(z_i)`.
+    Needs ``n_samples >= 2`` at the site.
+
+    Example::
+
+        estimators.ScoreFunction(n_samples=8, baseline=baselines.LeaveOneOut())
+    """
+
+    def check(self, site: str, n_samples: int) -> None:
+        if n_samples < 2:
+            raise StorchError(
+                f"site '{site}': LeaveOneOut needs at least 2 samples at the site, got "
+                f"n_samples={n_samples}. Use ScoreFunction(n_samples=k, "
+                f"baseline=LeaveOneOut()) with k >= 2, or a MovingAverage baseline."
+            )
+
+    def __call__(self, ctx: BaselineContext, downstream_cost: torch.Tensor) -> torch.Tensor:
+        self.check(ctx.site, ctx.n_samples)
+        cost = downstream_cost.detach()
+        total = cost.sum(ctx.sample_dim, keepdim=True)
+        return (total - cost) / (ctx.n_samples - 1)
+
+    def __repr__(self) -> str:
+        return "LeaveOneOut()"
+
+
+class Learned(Baseline):
+    """A learned, input-dependent baseline (NVIL; Mnih & Gregor 2014).
+
+    :math:`b_\\psi(x)` is ``module(*args, **kwargs)`` called with the (detached) arguments of
+    the model or guide the site lives in — the data :math:`x` in a VAE — or with
+    ``input_fn(*args, **kwargs)`` when given. Its output must broadcast to the site's batch
+    shape (plates, and sample dims if any). :math:`\\psi` is registered with ``pyro.module``
+    under ``name`` (default ``"storch_pyro.baseline.<first site>"``), so ``SVI``'s optimizer
+    trains it, by the gradient of :math:`\\sum (b_\\psi(x) - \\bot(D_z))^2`.
+
+    :param torch.nn.Module module: the network :math:`b_\\psi`.
+    :param callable input_fn: optional map from the model/guide arguments to the input.
+    :param str name: the ``pyro.module`` name.
+
+    Example::
+
+        net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(),
+                                  torch.nn.Linear(32, 1), torch.nn.Flatten(0))
+        estimators.ScoreFunction(baseline=baselines.Learned(net))   # guide(x): b = net(x)
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        input_fn: Optional[Callable[..., Any]] = None,
+        name: Optional[str] = None,
+    ) -> None:
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"Learned: module must be a torch.nn.Module, got {type(module)}")
+        self.module = module
+        self.input_fn = input_fn
+        self.name = name
+
+    def __call__(self, ctx: BaselineContext, downstream_cost: torch.Tensor) -> torch.Tensor:
+        if self.name is None:
+            self.name = f"storch_pyro.baseline.{ctx.site}"
+        module = pyro.module(self.name, self.module)
+        args = tuple(_detach(a) for a in ctx.args)
+        kwargs = {k: _detach(v) for k, v in ctx.kwargs.items()}
+        if self.input_fn is not None:
+            return module(_detach(self.input_fn(*args, **kwargs)))
+        return module(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Learned({type(self.module).__name__}, name={self.name!r})"
+
+
+class _PyroAnnotation(Baseline):
+    """Pyro's ``infer={"baseline": {...}}`` options, with TraceGraph_ELBO's semantics:
+    a per-element decaying average (param ``"__baseline_avg_downstream_cost_<site>"``),
+    plus ``nn_baseline(detach(nn_baseline_input))`` or ``baseline_value``."""
+
+    _KEYS = {
+        "use_decaying_avg_baseline",
+        "baseline_beta",
+        "nn_baseline",
+        "nn_baseline_input",
+        "baseline_value",
+    }
+
+    def __init__(self, site: str, options: Dict[str, Any]) -> None:
+        unknown = set(options) - self._KEYS
+        if unknown:
+            raise StorchError(
+                f"site '{site}': unrecognized baseline options {sorted(unknown)}; "
+                f"known: {sorted(self._KEYS)}"
+            )
+        if options.get("nn_baseline") is not None and options.get("baseline_value") is not None:
+            raise StorchError(
+                f"site '{site}': cannot use baseline_value and nn_baseline simultaneously"
+            )
+        self.use_average = bool(options.get("use_decaying_avg_baseline", False))
+        self.beta = float(options.get("baseline_beta", 0.90))
+        self.nn_baseline = options.get("nn_baseline")
+        self.nn_input = options.get("nn_baseline_input")
+        self.value = options.get("baseline_value")
+
+    def __call__(self, ctx: BaselineContext, downstream_cost: torch.Tensor) -> torch.Tensor:
+        baseline = torch.zeros((), dtype=downstream_cost.dtype, device=downstream_cost.device)
+        if self.use_average:
+            name = "__baseline_avg_downstream_cost_" + ctx.site
+            cost = downstream_cost.detach()
+            state = _param_store_state(name)
+            if state is None or state.shape != cost.shape:
+                state = torch.zeros_like(cost)
+                pyro.get_param_store()[name] = state
+                state = _param_store_state(name)
+            baseline = baseline + state.detach().clone()
+            with torch.no_grad():
+                state.mul_(self.beta).add_(cost, alpha=1.0 - self.beta)
+        if self.nn_baseline is not None:
+            baseline = baseline + self.nn_baseline(_detach(self.nn_input))
+        elif self.value is not None:
+            baseline = baseline + self.value
+        return baseline
+
+
+def _detach(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value

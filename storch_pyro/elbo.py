@@ -1,0 +1,197 @@
+"""StorchELBO: a :class:`pyro.infer.ELBO` whose gradient is each site's chosen estimator."""
+
+import math
+import warnings
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from pyro import poutine
+from pyro.infer.elbo import ELBO
+from pyro.poutine.subsample_messenger import _Subsample
+from pyro.infer.util import is_validation_enabled
+
+from storch_pyro.errors import NonFiniteCostError
+from storch_pyro.estimators.base import Estimator
+from storch_pyro.handlers.tracing import NeedsPlateNesting, Run, StorchMessenger
+from storch_pyro.surrogate import expected_cost, raise_if_not_finite, surrogate_loss
+
+
+class StorchELBO(ELBO):
+    """A loss for ``SVI`` (or plain PyTorch) whose gradient is a per-site Monte Carlo
+    gradient estimator, chosen with :func:`storch_pyro.sample`, :mod:`storch_pyro.handlers`
+    or ``default_estimator``.
+
+    **ELBO mode** (a guide is given): unobserved guide sites are stochastic nodes; the costs
+    are :math:`-\\log p` of every model site and :math:`+\\log q` of every guide site (scaled by
+    plates' subsampling, ``poutine.scale``, masked by ``poutine.mask``), plus the costs of
+    :func:`storch_pyro.add_cost`. The loss value estimates :math:`-\\mathrm{ELBO}` (plus the
+    expected added costs). Latent model sites that the guide lacks are stochastic nodes too.
+
+    **Pure stochastic computation graph** (``guide=None``): every unobserved model site is a
+    stochastic node, and the objective is :math:`\\mathbb{E}[\\sum \\text{costs}]`, where the
+    costs are those of :func:`~storch_pyro.add_cost`, plus :math:`-\\log p` of observed sites
+    and ``pyro.factor`` s if the model has any.
+
+    The loss is the surrogate of :mod:`storch_pyro.surrogate`: its value is the Monte Carlo
+    estimate of the objective, its gradient (of any order, with ``create_graph=True``) the
+    estimators' unbiased estimate of the objective's.
+
+    :param int num_particles: independent evaluations averaged per step.
+    :param int max_plate_nesting: bound on nested plates; guessed by running the model once
+        when a sample dim is first needed (``n_samples > 1``, vectorized particles).
+    :param bool vectorize_particles: evaluate particles in one vectorized pass.
+    :param Estimator default_estimator: for sites with no estimator from the call or a
+        handler (otherwise Pathwise where ``has_rsample``, else ScoreFunction).
+
+    Example::
+
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=StorchELBO())
+        loss = StorchELBO().differentiable_loss(story, None, a, b, c)  # no guide
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        max_plate_nesting: float = float("inf"),
+        vectorize_particles: bool = False,
+        default_estimator: Optional[Estimator] = None,
+        **kwargs: Any,
+    ) -> None:
+        if default_estimator is not None and not isinstance(default_estimator, Estimator):
+            raise TypeError(
+                "StorchELBO: default_estimator must be a storch_pyro Estimator, got "
+                f"{type(default_estimator).__name__}"
+            )
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+            **kwargs,
+        )
+        self.default_estimator = default_estimator
+
+    # ---- public interface ------------------------------------------------------------------
+    def loss(self, model: Callable, guide: Optional[Callable], *args: Any, **kwargs: Any) -> float:
+        """The Monte Carlo estimate of the objective (:math:`-\\mathrm{ELBO}`), as a float.
+        Leaves baseline state untouched."""
+        with torch.no_grad():
+            total = sum(expected_cost(run) for run in self._runs(model, guide, args, kwargs))
+            value = float(total) / self.num_particles
+        if not math.isfinite(value):
+            raise NonFiniteCostError(
+                f"StorchELBO.loss: the loss is {value}; run differentiable_loss under "
+                f"validation to locate the site."
+            )
+        return value
+
+    def differentiable_loss(
+        self, model: Callable, guide: Optional[Callable], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """The surrogate loss: a tensor whose value estimates the objective and whose
+        gradient is the estimators' gradient estimate."""
+        return self._surrogate(model, guide, args, kwargs, check=is_validation_enabled())
+
+    def loss_and_grads(
+        self, model: Callable, guide: Optional[Callable], *args: Any, **kwargs: Any
+    ) -> float:
+        """Backpropagates the surrogate loss and returns its value as a float."""
+        surrogate = self._surrogate(model, guide, args, kwargs, check=True)
+        if surrogate.requires_grad:
+            surrogate.backward(retain_graph=self.retain_graph)
+        return surrogate.item()
+
+    # ---- internals -------------------------------------------------------------------------
+    def _surrogate(self, model, guide, args, kwargs, check: bool) -> torch.Tensor:
+        runs = list(self._runs(model, guide, args, kwargs))
+        total = sum(surrogate_loss(run) for run in runs) / self.num_particles
+        if check and not bool(torch.isfinite(total)):
+            for run in runs:
+                raise_if_not_finite(run)
+            raise NonFiniteCostError(
+                "the loss is not finite although every cost and score is; a baseline or "
+                "control variate may have diverged."
+            )
+        return total
+
+    def _runs(self, model, guide, args, kwargs) -> Iterator[Run]:
+        """One :class:`Run` per particle (a single one when vectorized)."""
+        if self.vectorize_particles and self.num_particles > 1:
+            if self.max_plate_nesting == float("inf"):
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
+            model = self._vectorized_num_particles(model)
+            if guide is not None:
+                guide = self._vectorized_num_particles(guide)
+            runs = 1
+        else:
+            runs = self.num_particles
+        for _ in range(runs):
+            try:
+                yield self._run(model, guide, args, kwargs)
+            except NeedsPlateNesting:
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
+                yield self._run(model, guide, args, kwargs)
+
+    def _run(self, model, guide, args, kwargs) -> Run:
+        first_sample_dim = (
+            None if self.max_plate_nesting == float("inf") else -int(self.max_plate_nesting) - 1
+        )
+        run = Run(self.default_estimator, first_sample_dim, args, kwargs)
+        if guide is None:
+            with StorchMessenger(run, "scg"):
+                model(*args, **kwargs)
+            return run
+        with StorchMessenger(run, "guide"):
+            guide(*args, **kwargs)
+        with StorchMessenger(run, "model"):
+            model(*args, **kwargs)
+        if is_validation_enabled():
+            _check_model_guide_match(run)
+        return run
+
+    def _get_trace(self, model, guide, args, kwargs) -> Run:
+        """One particle's record (the hook :class:`pyro.infer.ELBO` asks for)."""
+        return self._run(model, guide, args, kwargs)
+
+    def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
+        """Sets ``max_plate_nesting`` from one plain run: the deepest plate dim, or the
+        largest batch rank of any site or cost if that is larger (so sample dims never
+        collide with undeclared batch dims)."""
+        with poutine.block():
+            if guide is None:
+                traces = [poutine.trace(model).get_trace(*args, **kwargs)]
+            else:
+                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+                model_trace = poutine.trace(
+                    poutine.replay(model, trace=guide_trace)
+                ).get_trace(*args, **kwargs)
+                traces = [guide_trace, model_trace]
+        nesting = 0
+        for trace in traces:
+            for site in trace.nodes.values():
+                if site["type"] == "sample" and type(site["fn"]) is not _Subsample:
+                    nesting = max(nesting, len(site["fn"].batch_shape))
+                elif site["type"] == "storch_cost":
+                    nesting = max(nesting, site["value"].dim())
+                else:
+                    continue
+                for frame in site["cond_indep_stack"]:
+                    if frame.dim is not None:
+                        nesting = max(nesting, -frame.dim)
+        if self.vectorize_particles and self.num_particles > 1:
+            nesting += 1
+        self.max_plate_nesting = nesting
+
+
+def _check_model_guide_match(run: Run) -> None:
+    """Pyro's model/guide warnings (as in :func:`pyro.util.check_model_guide_match`)."""
+    if run.model_latents:
+        warnings.warn(f"Found vars in model but not guide: {set(run.model_latents)}")
+    missing = [name for name in run.guide_latents if name not in run.model_names]
+    if missing:
+        warnings.warn(
+            "Found non-auxiliary vars in guide but not model, consider marking these "
+            f"infer={{'is_auxiliary': True}}: {set(missing)}"
+        )
+
+
+__all__ = ["StorchELBO"]

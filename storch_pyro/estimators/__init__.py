@@ -1,0 +1,7 @@
+"""Gradient estimators: one module per family, all subclasses of :class:`Estimator`."""
+
+from storch_pyro.estimators.base import Estimator, working_estimators
+from storch_pyro.estimators.pathwise import Pathwise
+from storch_pyro.estimators.score_function import ScoreFunction
+
+__all__ = ["Estimator", "Pathwise", "ScoreFunction", "working_estimators"]

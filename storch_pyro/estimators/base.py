@@ -1,0 +1,98 @@
+"""The :class:`Estimator` base class shared by every gradient estimator."""
+
+from typing import ClassVar, List, Optional, Tuple, Type
+
+import torch
+from torch.distributions import Distribution
+
+from storch_pyro.errors import UnsupportedDistributionError
+
+
+class Estimator:
+    """How one stochastic site draws its value(s) and what it adds to the surrogate loss.
+
+    In the general form of Storchastic (van Krieken et al. 2021, arXiv:2104.00428) an
+    estimator has a *proposal* (how samples are drawn), a *weighting* of the samples, a
+    *multiplicative* score term :math:`l_z` and an *additive* control variate :math:`a_z`.
+    :class:`~storch_pyro.StorchELBO` assembles, for costs :math:`c` and sites :math:`z`,
+
+    .. math::
+
+        \\sum_c w_c\\, \\boxdot\\Big(\\sum_{z \\preceq c} l_z\\Big)\\, c
+        + \\sum_z (1 - \\boxdot(l_z))\\, a_z,
+        \\qquad \\boxdot(x) = \\exp(x - \\bot(x)).
+
+    Subclasses set :attr:`has_score` (whether :math:`l_z = \\log q(z)` multiplies the
+    downstream costs), implement :meth:`draw` and :meth:`supports`.
+
+    :param int n_samples: number of independent samples drawn at the site. With ``k > 1``
+        the value gets a sample dimension of size ``k`` left of all plates, and the loss
+        averages over it.
+    """
+
+    #: Whether :math:`\\log q(z)` of the drawn value enters the surrogate as a score term.
+    has_score: ClassVar[bool] = True
+    #: Every public estimator class, so errors can list the ones that would work.
+    registry: ClassVar[List[Type["Estimator"]]] = []
+
+    def __init__(self, n_samples: int = 1) -> None:
+        if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+            raise ValueError(
+                f"{type(self).__name__}: n_samples must be a positive int, got {n_samples!r}"
+            )
+        self.n_samples = n_samples
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.startswith("_"):
+            Estimator.registry.append(cls)
+
+    @property
+    def baseline(self):
+        """The baseline this estimator carries, if any (see :mod:`storch_pyro.baselines`)."""
+        return None
+
+    @classmethod
+    def supports(cls, fn: Distribution) -> bool:
+        """Whether this estimator can handle the distribution ``fn``."""
+        raise NotImplementedError
+
+    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]) -> torch.Tensor:
+        """Draws the site's value, with ``sample_shape`` prepended to ``fn``'s shape."""
+        raise NotImplementedError
+
+    def check(self, site: str, fn: Distribution) -> None:
+        """Raises :class:`UnsupportedDistributionError` unless :meth:`supports` ``fn``."""
+        if not self.supports(fn):
+            raise UnsupportedDistributionError(
+                f"site '{site}': estimator {type(self).__name__} cannot handle "
+                f"{_describe(fn)}{self._unsupported_reason(fn)}. Estimators that would work "
+                f"there: {', '.join(working_estimators(fn)) or 'none'}. Choose one with "
+                f"storch_pyro.sample(..., estimator=...) or storch_pyro.handlers.estimator."
+            )
+
+    def _unsupported_reason(self, fn: Distribution) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n_samples={self.n_samples})"
+
+
+def working_estimators(fn: Distribution) -> List[str]:
+    """Names of the registered estimators whose :meth:`Estimator.supports` accepts ``fn``."""
+    names = []
+    for cls in Estimator.registry:
+        try:
+            if cls.supports(fn):
+                names.append(cls.__name__)
+        except NotImplementedError:
+            pass
+    return names
+
+
+def _describe(fn: Distribution) -> str:
+    base: Optional[Distribution] = fn
+    while hasattr(base, "base_dist"):
+        base = base.base_dist
+    name = type(base).__name__
+    return name if base is fn else f"{type(fn).__name__}({name})"

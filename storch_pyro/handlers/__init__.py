@@ -1,0 +1,11 @@
+"""Effect handlers of storch_pyro.
+
+User-facing: :func:`estimator` and :func:`baseline` choose per-site estimators and baselines
+from outside a model. Internal: :class:`~storch_pyro.handlers.tracing.StorchMessenger`, which
+:class:`~storch_pyro.StorchELBO` installs to draw sites, allocate sample dims and record costs.
+"""
+
+from storch_pyro.handlers.config import BaselineMessenger, EstimatorMessenger, baseline, estimator
+from storch_pyro.handlers.tracing import StorchMessenger
+
+__all__ = ["estimator", "baseline", "EstimatorMessenger", "BaselineMessenger", "StorchMessenger"]

@@ -1,0 +1,148 @@
+"""The user-facing handlers: choose estimators and baselines per site from outside a model."""
+
+import warnings
+from typing import Any, Callable, Dict, Optional, Set, Union
+
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import Message
+
+from storch_pyro.baselines import Baseline
+from storch_pyro.errors import UnusedConfigWarning
+from storch_pyro.estimators.base import Estimator
+
+
+class _SiteConfigMessenger(Messenger):
+    """Common part of :class:`EstimatorMessenger` and :class:`BaselineMessenger`.
+
+    These messengers do not change messages: :class:`~storch_pyro.StorchELBO` asks every
+    active one, innermost first, when a stochastic site is drawn (so they work inside or
+    outside the model, around ``svi.step``, or as decorators). They only note which
+    configured site names pass by, to warn about names that never do.
+    """
+
+    _kind = ""
+    _type: type = object
+
+    def __init__(self, config: Union[Dict[str, Any], Callable[[Message], Any]]) -> None:
+        super().__init__()
+        if isinstance(config, dict):
+            for name, value in config.items():
+                if not isinstance(name, str):
+                    raise TypeError(
+                        f"handlers.{self._kind}: config keys must be site names (str), "
+                        f"got {name!r}"
+                    )
+                self._check_value(name, value)
+        elif not callable(config):
+            raise TypeError(
+                f"handlers.{self._kind}: config must be a dict {{site_name: "
+                f"{self._type.__name__}}} or a callable msg -> {self._type.__name__} | None, "
+                f"got {type(config).__name__}"
+            )
+        self.config = config
+        self._seen: Set[str] = set()
+
+    def _check_value(self, site: str, value: Any) -> None:
+        if value is not None and not isinstance(value, self._type):
+            raise TypeError(
+                f"handlers.{self._kind}: the config for site '{site}' must be a "
+                f"storch_pyro {self._type.__name__}, got {type(value).__name__}"
+            )
+
+    def lookup(self, msg: Message) -> Any:
+        """The configured object for the site of ``msg``, or ``None``."""
+        name = msg["name"]
+        if isinstance(self.config, dict):
+            return self.config.get(name)
+        value = self.config(msg)
+        self._check_value(name, value)
+        return value
+
+    def _pyro_sample(self, msg: Message) -> None:
+        if isinstance(self.config, dict) and msg["name"] in self.config:
+            self._seen.add(msg["name"])
+
+    def __enter__(self):
+        self._seen = set()
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        result = super().__exit__(exc_type, exc_value, traceback)
+        if exc_type is None and isinstance(self.config, dict):
+            unused = sorted(set(self.config) - self._seen)
+            if unused:
+                warnings.warn(
+                    f"handlers.{self._kind}: config names site(s) {unused} that never "
+                    f"appeared as a sample site while the handler was active; check "
+                    f"the spelling (sites seen: {sorted(self._seen) or 'none'})",
+                    UnusedConfigWarning,
+                    stacklevel=2,
+                )
+        return result
+
+
+class EstimatorMessenger(_SiteConfigMessenger):
+    """See :func:`estimator`."""
+
+    _kind = "estimator"
+    _type = Estimator
+
+
+class BaselineMessenger(_SiteConfigMessenger):
+    """See :func:`baseline`."""
+
+    _kind = "baseline"
+    _type = Baseline
+
+
+def estimator(
+    fn: Optional[Callable] = None,
+    config: Union[Dict[str, Estimator], Callable[[Message], Optional[Estimator]], None] = None,
+):
+    """Chooses the gradient estimator of sites from outside the model.
+
+    ``config`` is ``{site_name: Estimator}`` or a callable ``msg -> Estimator | None``.
+    Precedence: an estimator given in :func:`storch_pyro.sample` wins; then the innermost
+    handler, then outer ones, then ``StorchELBO(default_estimator=...)``, then
+    :class:`~storch_pyro.estimators.Pathwise` where ``fn.has_rsample`` and
+    :class:`~storch_pyro.estimators.ScoreFunction` elsewhere. A dict naming a site that never
+    appears while the handler is active warns with
+    :class:`~storch_pyro.errors.UnusedConfigWarning`.
+
+    Example::
+
+        with handlers.estimator(config={"z": estimators.ScoreFunction(n_samples=4)}):
+            svi.step(data)
+
+        discrete = handlers.estimator(
+            model, config=lambda msg: None if msg["fn"].has_rsample
+            else estimators.ScoreFunction(baseline=baselines.MovingAverage()))
+    """
+    if config is None:
+        raise TypeError("handlers.estimator: config is required")
+    messenger = EstimatorMessenger(config)
+    return messenger(fn) if fn is not None else messenger
+
+
+def baseline(
+    fn: Optional[Callable] = None,
+    config: Union[Dict[str, Baseline], Callable[[Message], Optional[Baseline]], None] = None,
+):
+    """Chooses the baseline of score-function sites from outside the model.
+
+    ``config`` is ``{site_name: Baseline}`` or a callable ``msg -> Baseline | None``.
+    Precedence: ``storch_pyro.sample(..., baseline=)``, then a baseline carried by the
+    site's estimator, then Pyro's ``infer={"baseline": ...}`` annotation, then the innermost
+    handler, then outer ones. A baseline named in a dict for a site whose estimator has no
+    score term (e.g. :class:`~storch_pyro.estimators.Pathwise`) is an error; callables may
+    return one for any site, and it is used only where there is a score term.
+
+    Example::
+
+        with handlers.baseline(config={"z": baselines.MovingAverage(0.99)}):
+            svi.step(data)
+    """
+    if config is None:
+        raise TypeError("handlers.baseline: config is required")
+    messenger = BaselineMessenger(config)
+    return messenger(fn) if fn is not None else messenger

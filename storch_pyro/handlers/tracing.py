@@ -1,0 +1,298 @@
+"""The internal messenger :class:`~storch_pyro.StorchELBO` installs around the guide and model.
+
+In one pass it draws every stochastic site with its estimator (allocating a sample dim left
+of all plates for sites with ``n_samples > 1``, as Pyro allocates enumeration dims), replays
+guide values into the model, and records what the surrogate loss needs: the score term of
+each stochastic node, and every cost with its plates and its position in execution order.
+"""
+
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK, Message
+from pyro.poutine.subsample_messenger import _Subsample
+
+from storch_pyro.baselines import Baseline, _PyroAnnotation
+from storch_pyro.errors import StorchError
+from storch_pyro.estimators.base import Estimator
+from storch_pyro.estimators.pathwise import Pathwise
+from storch_pyro.estimators.score_function import ScoreFunction
+from storch_pyro.handlers.config import BaselineMessenger, EstimatorMessenger
+from storch_pyro.site_options import INFER_KEY
+
+#: A frame key: (name, dim, counter); dim is None for sequential plates.
+FrameKey = Tuple[str, Optional[int], int]
+SAMPLE_FRAME_PREFIX = "storch_pyro.samples:"
+
+_DEFAULT_PATHWISE = Pathwise()
+_DEFAULT_SCORE_FUNCTION = ScoreFunction()
+
+
+class NeedsPlateNesting(Exception):
+    """Raised (and caught by the loss) when a sample dim is needed before
+    ``max_plate_nesting`` is known."""
+
+
+class Node:
+    """A stochastic site whose score term :math:`l_z` enters the surrogate."""
+
+    __slots__ = ("name", "score", "ordinal", "seq", "index", "baseline", "sample_dim",
+                 "n_samples", "weight")
+
+    def __init__(self, name, score, ordinal, seq, index, baseline, sample_dim, n_samples,
+                 weight):
+        self.name = name
+        self.score = score
+        self.ordinal = ordinal
+        self.seq = seq
+        self.index = index
+        self.baseline = baseline
+        self.sample_dim = sample_dim
+        self.n_samples = n_samples
+        self.weight = weight
+
+
+class Cost:
+    """A cost tensor (to minimize), reduced to its plate and sample dims."""
+
+    __slots__ = ("name", "value", "ordinal", "seq", "n_before", "weight")
+
+    def __init__(self, name, value, ordinal, seq, n_before, weight):
+        self.name = name
+        self.value = value
+        self.ordinal = ordinal
+        self.seq = seq
+        self.n_before = n_before
+        self.weight = weight
+
+
+class Run:
+    """What one particle's guide and model passes record."""
+
+    def __init__(
+        self,
+        default_estimator: Optional[Estimator],
+        first_sample_dim: Optional[int],
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+    ) -> None:
+        self.default_estimator = default_estimator
+        self.next_sample_dim = first_sample_dim
+        self.args = args
+        self.kwargs = kwargs
+        self.nodes: List[Node] = []
+        self.costs: List[Cost] = []
+        self.sample_frames: List[Tuple[int, int, FrameKey]] = []
+        self.guide_values: Dict[str, torch.Tensor] = {}
+        self.guide_latents: List[str] = []
+        self.model_latents: List[str] = []
+        self.model_names: set = set()
+
+    def allocate_sample_dim(self, site: str, n_samples: int) -> int:
+        if self.next_sample_dim is None:
+            raise NeedsPlateNesting(site)
+        dim = self.next_sample_dim
+        self.next_sample_dim -= 1
+        self.sample_frames.append((dim, n_samples, (SAMPLE_FRAME_PREFIX + site, dim, 0)))
+        return dim
+
+    def frames_of(self, tensor: torch.Tensor, stack) -> Tuple[FrozenSet[FrameKey], tuple, float]:
+        """(ordinal, sequential frames, sample weight) of a tensor recorded at a site."""
+        keys = [(f.name, f.dim, f.counter) for f in stack]
+        weight = 1.0
+        if self.sample_frames:
+            ndim = tensor.dim()
+            for dim, size, key in self.sample_frames:
+                if ndim >= -dim and tensor.shape[dim] > 1:
+                    keys.append(key)
+                    weight /= size
+        seq = tuple((f.name, f.counter) for f in stack if f.dim is None)
+        return frozenset(keys), seq, weight
+
+
+class StorchMessenger(Messenger):
+    """Draws, replays and records sites for one pass of a guide or model.
+
+    :param Run run: the shared record of this particle.
+    :param str role: ``"guide"`` (latent sites are stochastic nodes, cost :math:`+\\log q`),
+        ``"model"`` (guide values are replayed, cost :math:`-\\log p`; latent sites absent
+        from the guide are stochastic nodes) or ``"scg"`` (a model without guide: latent
+        sites are stochastic nodes, costs are ``add_cost`` costs and :math:`-\\log p` of
+        observed sites and factors).
+    """
+
+    def __init__(self, run: Run, role: str) -> None:
+        super().__init__()
+        self.run = run
+        self.role = role
+        self._pending: Dict[str, Tuple[Estimator, Optional[Baseline], Optional[int]]] = {}
+
+    # ---- drawing -------------------------------------------------------------------------
+    def _pyro_sample(self, msg: Message) -> None:
+        name = msg["name"]
+        if self.role == "model":
+            if not msg["is_observed"] and name in self.run.guide_values:
+                msg["value"] = self.run.guide_values[name]
+                msg["done"] = True
+                return
+        if msg["is_observed"] or msg["done"] or type(msg["fn"]) is _Subsample:
+            return
+        estimator, baseline = self._resolve(msg)
+        fn = msg["fn"]
+        estimator.check(name, fn)
+        k = estimator.n_samples
+        sample_dim = None
+        sample_shape: Tuple[int, ...] = ()
+        if k > 1:
+            sample_dim = self.run.allocate_sample_dim(name, k)
+            batch_rank = len(fn.batch_shape)
+            room = -sample_dim - 1
+            if batch_rank > room:
+                raise StorchError(
+                    f"site '{name}': its batch shape {tuple(fn.batch_shape)} reaches left of "
+                    f"max_plate_nesting={room - len(self.run.sample_frames) + 1}, where "
+                    f"the sample dim of n_samples={k} goes. Declare batch dims with "
+                    f"pyro.plate, or raise StorchELBO(max_plate_nesting=...)."
+                )
+            sample_shape = (k,) + (1,) * (room - batch_rank)
+        msg["value"] = estimator.draw(fn, sample_shape)
+        msg["done"] = True
+        self._pending[name] = (estimator, baseline, sample_dim)
+
+    def _resolve(self, msg: Message) -> Tuple[Estimator, Optional[Baseline]]:
+        options = msg["infer"].get(INFER_KEY)
+        estimator = options.estimator if options is not None else None
+        baseline = options.baseline if options is not None else None
+        explicit_baseline = baseline is not None
+        if estimator is None:
+            for handler in reversed(_PYRO_STACK):
+                if type(handler) is EstimatorMessenger:
+                    estimator = handler.lookup(msg)
+                    if estimator is not None:
+                        break
+        if estimator is None:
+            estimator = self.run.default_estimator
+        if estimator is None:
+            estimator = (
+                _DEFAULT_PATHWISE if msg["fn"].has_rsample else _DEFAULT_SCORE_FUNCTION
+            )
+        if baseline is None:
+            baseline = estimator.baseline
+            explicit_baseline = baseline is not None
+        if baseline is None and "baseline" in msg["infer"]:
+            baseline = self._annotated_baseline(msg)
+            explicit_baseline = baseline is not None
+        if baseline is None:
+            for handler in reversed(_PYRO_STACK):
+                if type(handler) is BaselineMessenger:
+                    baseline = handler.lookup(msg)
+                    if baseline is not None:
+                        explicit_baseline = isinstance(handler.config, dict)
+                        break
+        if baseline is not None:
+            if not estimator.has_score:
+                if explicit_baseline:
+                    raise StorchError(
+                        f"site '{msg['name']}': a baseline applies to score-function terms, "
+                        f"but its estimator {type(estimator).__name__} has none. Remove the "
+                        f"baseline or use e.g. ScoreFunction."
+                    )
+                baseline = None
+            else:
+                baseline.check(msg["name"], estimator.n_samples)
+        return estimator, baseline
+
+    def _annotated_baseline(self, msg: Message) -> Optional[Baseline]:
+        options = msg["infer"]["baseline"]
+        if not options:
+            return None
+        name = msg["name"]
+        # Rebuilt each step: nn_baseline_input and baseline_value change with the data.
+        baseline = _PyroAnnotation(name, dict(options))
+        if not (baseline.use_average or baseline.nn_baseline is not None
+                or baseline.value is not None):
+            return None
+        return baseline
+
+    # ---- recording -----------------------------------------------------------------------
+    def _pyro_post_sample(self, msg: Message) -> None:
+        run = self.run
+        name = msg["name"]
+        fn = msg["fn"]
+        value = msg["value"]
+        if type(fn) is _Subsample:
+            if self.role == "guide":
+                run.guide_values[name] = value
+            return
+        if msg["infer"].get("_deterministic"):
+            return
+        pending = self._pending.pop(name, None)
+        stack = msg["cond_indep_stack"]
+        log_prob = fn.log_prob(value)
+        masked = scale_and_mask(log_prob, 1.0, msg["mask"])
+        if pending is not None:
+            estimator, baseline, sample_dim = pending
+            ordinal, seq, weight = run.frames_of(log_prob, stack)
+            if self.role == "guide":
+                run.guide_values[name] = value
+                run.guide_latents.append(name)
+            elif self.role == "model":
+                run.model_latents.append(name)
+            if estimator.has_score:
+                run.nodes.append(
+                    Node(name, masked, ordinal, seq, len(run.nodes), baseline, sample_dim,
+                         estimator.n_samples, weight)
+                )
+            if self.role == "scg":
+                return
+            sign = 1.0 if self.role == "guide" else -1.0
+            self._add_cost(name, masked, msg["scale"], sign, ordinal, seq, weight, stack)
+            return
+        if self.role == "model":
+            run.model_names.add(name)
+        sign = 1.0 if self.role == "guide" else -1.0
+        ordinal, seq, weight = run.frames_of(log_prob, stack)
+        self._add_cost(name, masked, msg["scale"], sign, ordinal, seq, weight, stack)
+
+    def _pyro_post_storch_cost(self, msg: Message) -> None:
+        value = msg["value"]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"add_cost('{msg['name']}'): the cost must be a tensor, got {type(value)}"
+            )
+        stack = msg["cond_indep_stack"]
+        value = scale_and_mask(value, 1.0, msg["mask"])
+        ordinal, seq, weight = self.run.frames_of(value, stack)
+        self._add_cost(msg["name"], value, msg["scale"], 1.0, ordinal, seq, weight, stack)
+
+    def _add_cost(self, name, value, scale, sign, ordinal, seq, weight, stack) -> None:
+        value = _reduce_to_frames(value, stack, self.run)
+        if sign != 1.0:
+            scale = sign * scale
+        if not (isinstance(scale, float) and scale == 1.0):
+            value = value * scale
+        self.run.costs.append(Cost(name, value, ordinal, seq, len(self.run.nodes), weight))
+
+
+def _reduce_to_frames(value: torch.Tensor, stack, run: Run) -> torch.Tensor:
+    """Sums a cost over dims that are neither plates nor sample dims, and broadcasts it
+    over the plates it is in (a scalar cost inside ``plate(N)`` counts ``N`` times, as
+    ``pyro.factor`` does)."""
+    frame_dims = {f.dim: f.size for f in stack if f.dim is not None}
+    sample_dims = {dim for dim, _, _ in run.sample_frames}
+    extra = [
+        d for d in range(-value.dim(), 0)
+        if d not in frame_dims and d not in sample_dims and value.shape[d] != 1
+    ]
+    if extra:
+        value = value.sum(extra, keepdim=True)
+    if frame_dims:
+        rank = max(value.dim(), -min(frame_dims))
+        shape = [1] * (rank - value.dim()) + list(value.shape)
+        for dim, size in frame_dims.items():
+            shape[dim] = size if shape[dim] == 1 else shape[dim]
+        if tuple(shape) != tuple(value.shape):
+            value = value.expand(shape)
+    return value
