@@ -55,7 +55,13 @@ class Baseline:
 
 
 def _param_store_state(name: str) -> Optional[torch.Tensor]:
+    """The tensor stored under ``name`` in Pyro's param store (unconstrained: baseline
+    state is unconstrained), or ``None``. Updated in place, so it checkpoints with the
+    store."""
     store = pyro.get_param_store()
+    params = getattr(store, "_params", None)
+    if params is not None:
+        return params.get(name)
     return store[name] if name in store else None
 
 

@@ -60,15 +60,38 @@ class _Group:
 
 
 def _group_costs(run: Run) -> List[_Group]:
+    """Sums the (signed) costs that share plates, sample dims and predecessors."""
     groups: Dict[Tuple[FrozenSet, int], _Group] = {}
     for cost in run.costs:
         key = (cost.ordinal, cost.n_before)
         group = groups.get(key)
         if group is None:
-            groups[key] = _Group(cost.value, cost.ordinal, cost.seq, cost.n_before, cost.weight)
-        else:
+            value = cost.value if cost.sign > 0 else -cost.value
+            groups[key] = _Group(value, cost.ordinal, cost.seq, cost.n_before, cost.weight)
+        elif cost.sign > 0:
             group.value = group.value + cost.value
+        else:
+            group.value = group.value - cost.value
     return list(groups.values())
+
+
+class _Boxes:
+    """Magic boxes, computed once per score tensor."""
+
+    def __init__(self) -> None:
+        self.cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        hit = self.cache.get(id(scores))
+        if hit is None:
+            hit = self.cache[id(scores)] = (scores, magic_box(scores))
+        return hit[1]
+
+
+def _add(total: Optional[torch.Tensor], term: torch.Tensor, weight: float) -> torch.Tensor:
+    if weight != 1.0:
+        term = term * weight
+    return term if total is None else total + term
 
 
 class _ScorePrefix:
@@ -93,50 +116,65 @@ class _ScorePrefix:
 def expected_cost(run: Run) -> torch.Tensor:
     """The Monte Carlo estimate of the objective (the surrogate's value), without graph
     work: :math:`\\sum_c w_c\\, c`."""
-    total = 0.0
+    total = None
     for cost in run.costs:
-        total = total + cost.value.sum() * cost.weight
-    return torch.as_tensor(total)
+        total = _add(total, cost.value.sum(), cost.sign * cost.weight)
+    return torch.zeros(()) if total is None else total
 
 
 def surrogate_loss(run: Run) -> torch.Tensor:
     """The surrogate :math:`\\mathcal{S}` of one particle; updates baseline state."""
     groups = _group_costs(run)
     prefix = _ScorePrefix(run.nodes)
-    total = 0.0
+    boxes = _Boxes()
+    total = None
     for group in groups:
         scores = prefix(group.ordinal, group.seq, group.n_before)
-        term = group.value if scores is None else magic_box(scores) * group.value
-        total = total + term.sum() * group.weight
+        term = group.value if scores is None else boxes(scores) * group.value
+        total = _add(total, term.sum(), group.weight)
     for node in run.nodes:
         if node.baseline is not None:
-            total = total + _baseline_term(run, node, groups, prefix)
-    return torch.as_tensor(total)
+            total = _add(total, _baseline_term(run, node, groups, prefix, boxes), node.weight)
+    return torch.zeros(()) if total is None else total
 
 
 def _downstream_cost(node: Node, groups: List[_Group]) -> torch.Tensor:
     """:math:`D_z`: the detached costs the node's score multiplies, on the node's dims."""
-    total = torch.zeros_like(node.score)
+    total = None
+    rank = node.score.dim()
     for group in groups:
         if group.n_before > node.index and _compatible(node.seq, group.seq):
             reduced = _sum_except(group.value.detach(), _shared_dims(group.ordinal, node.ordinal))
-            if reduced.dim() > total.dim():
-                reduced = reduced.reshape(reduced.shape[reduced.dim() - total.dim():])
-            total = total + reduced * (group.weight / node.weight)
+            if reduced.dim() > rank:
+                reduced = reduced.reshape(reduced.shape[reduced.dim() - rank:])
+            ratio = group.weight / node.weight
+            if ratio != 1.0:
+                reduced = reduced * ratio
+            total = reduced if total is None else total + reduced
+    if total is None:
+        return torch.zeros_like(node.score)
+    if total.shape != node.score.shape:
+        total = total.expand(node.score.shape)
     return total
 
 
-def _baseline_term(run: Run, node: Node, groups: List[_Group], prefix: _ScorePrefix):
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
+def _baseline_term(
+    run: Run, node: Node, groups: List[_Group], prefix: _ScorePrefix, boxes: _Boxes
+) -> torch.Tensor:
+    """:math:`(1 - \boxdot(l_z))\boxdot(\sum_{y \to z} l_y)\bot(b_z)`, summed (unweighted),
+    plus the zero-valued squared-error term that trains a baseline requiring grad."""
     downstream = _downstream_cost(node, groups)
     context = BaselineContext(node.name, node.sample_dim, node.n_samples, run.args, run.kwargs)
     baseline = node.baseline(context, downstream)
     if not isinstance(baseline, torch.Tensor):
         baseline = torch.as_tensor(baseline, dtype=downstream.dtype, device=downstream.device)
-    try:
-        fits = torch.broadcast_shapes(baseline.shape, downstream.shape) == downstream.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if not _broadcasts_to(baseline.shape, downstream.shape):
         raise StorchError(
             f"site '{node.name}': its baseline {node.baseline!r} returned shape "
             f"{tuple(baseline.shape)}, which does not broadcast to the site's batch shape "
@@ -144,12 +182,12 @@ def _baseline_term(run: Run, node: Node, groups: List[_Group], prefix: _ScorePre
             f"per batch element, e.g. squeeze a trailing dim of size 1."
         )
     before = prefix(node.ordinal, node.seq, node.index)
-    box = 1.0 - magic_box(node.score)
+    box = 1.0 - boxes(node.score)
     if before is not None:
-        box = box * magic_box(before)
-    term = (box * baseline.detach()).sum() * node.weight
+        box = box * boxes(before)
+    term = (box * baseline.detach()).sum()
     if baseline.requires_grad:
-        fit = (baseline - downstream).pow(2).sum() * node.weight
+        fit = (baseline - downstream).pow(2).sum()
         term = term + (fit - fit.detach())
     return term
 
@@ -158,14 +196,14 @@ def raise_if_not_finite(run: Run) -> None:
     """Raises :class:`NonFiniteCostError` naming the first site of ``run`` whose cost or
     score is not finite; returns if there is none."""
     for cost in run.costs:
-        if not torch.isfinite(cost.value).all():
+        if not bool(torch.isfinite(cost.value).all()):
             raise NonFiniteCostError(
                 f"the cost at site '{cost.name}' is not finite (NaN or inf). Check the "
                 f"parameters and data that reach it; for an observed site, that the data is "
                 f"in the support of its distribution."
             )
     for node in run.nodes:
-        if not torch.isfinite(node.score).all():
+        if not bool(torch.isfinite(node.score).all()):
             raise NonFiniteCostError(
                 f"the log-probability of the sample at site '{node.name}' is not finite; its "
                 f"distribution's parameters may have become NaN or degenerate."

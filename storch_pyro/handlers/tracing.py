@@ -55,13 +55,14 @@ class Node:
 
 
 class Cost:
-    """A cost tensor (to minimize), reduced to its plate and sample dims."""
+    """A cost ``sign * value`` (to minimize), reduced to its plate and sample dims."""
 
-    __slots__ = ("name", "value", "ordinal", "seq", "n_before", "weight")
+    __slots__ = ("name", "value", "sign", "ordinal", "seq", "n_before", "weight")
 
-    def __init__(self, name, value, ordinal, seq, n_before, weight):
+    def __init__(self, name, value, sign, ordinal, seq, n_before, weight):
         self.name = name
         self.value = value
+        self.sign = sign
         self.ordinal = ordinal
         self.seq = seq
         self.n_before = n_before
@@ -89,6 +90,11 @@ class Run:
         self.guide_latents: List[str] = []
         self.model_latents: List[str] = []
         self.model_names: set = set()
+
+    def structure(self) -> tuple:
+        """The sequence of cost and stochastic-site names: what identifies a model
+        structure between steps."""
+        return tuple(cost.name for cost in self.costs) + tuple(n.name for n in self.nodes)
 
     def allocate_sample_dim(self, site: str, n_samples: int) -> int:
         if self.next_sample_dim is None:
@@ -269,11 +275,11 @@ class StorchMessenger(Messenger):
 
     def _add_cost(self, name, value, scale, sign, ordinal, seq, weight, stack) -> None:
         value = _reduce_to_frames(value, stack, self.run)
-        if sign != 1.0:
-            scale = sign * scale
         if not (isinstance(scale, float) and scale == 1.0):
             value = value * scale
-        self.run.costs.append(Cost(name, value, ordinal, seq, len(self.run.nodes), weight))
+        self.run.costs.append(
+            Cost(name, value, sign, ordinal, seq, len(self.run.nodes), weight)
+        )
 
 
 def _reduce_to_frames(value: torch.Tensor, stack, run: Run) -> torch.Tensor:
