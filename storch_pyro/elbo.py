@@ -8,8 +8,8 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer.elbo import ELBO
-from pyro.poutine.subsample_messenger import _Subsample
 from pyro.infer.util import is_validation_enabled
+from pyro.poutine.subsample_messenger import _Subsample
 
 from storch_pyro.errors import NonFiniteCostError
 from storch_pyro.estimators.base import Estimator

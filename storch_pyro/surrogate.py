@@ -167,7 +167,7 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
 def _baseline_term(
     run: Run, node: Node, groups: List[_Group], prefix: _ScorePrefix, boxes: _Boxes
 ) -> torch.Tensor:
-    """:math:`(1 - \boxdot(l_z))\boxdot(\sum_{y \to z} l_y)\bot(b_z)`, summed (unweighted),
+    r""":math:`(1 - \boxdot(l_z))\boxdot(\sum_{y \to z} l_y)\bot(b_z)`, summed (unweighted),
     plus the zero-valued squared-error term that trains a baseline requiring grad."""
     downstream = _downstream_cost(node, groups)
     context = BaselineContext(node.name, node.sample_dim, node.n_samples, run.args, run.kwargs)
