@@ -380,6 +380,29 @@ def test_annotated_loss_value_matches_tracegraph(options_fn):
         assert actual == pytest.approx(expected, rel=1e-5)
 
 
+def _reparam_annotated_model():
+    z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(0.5))
+
+
+def _reparam_annotated_guide():
+    m = pyro.param("m", torch.tensor(0.0))
+    pyro.sample("z", dist.Normal(m, 1.0), infer={"baseline": {"use_decaying_avg_baseline": True}})
+
+
+def test_tracegraph_ignores_annotation_on_reparameterized_site():
+    pyro.infer.TraceGraph_ELBO().loss_and_grads(_reparam_annotated_model, _reparam_annotated_guide)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG (TraceGraph compatibility): a Pyro baseline annotation on a reparameterized "
+    "site, which TraceGraph_ELBO ignores, raises StorchError under StorchELBO",
+)
+def test_annotation_on_reparameterized_site_runs_unchanged():
+    storch.StorchELBO().loss_and_grads(_reparam_annotated_model, _reparam_annotated_guide)
+
+
 # ---- (e) baseline state in the param store ----------------------------------------------
 
 
@@ -892,3 +915,20 @@ def test_nested_multi_sample_guide_sites_estimate_same_neg_elbo():
         means.append(values.mean().item())
         errs.append(values.var().item() / n)
     assert abs(means[0] - means[1]) < 4 * math.sqrt(errs[0] + errs[1])
+
+
+def test_add_cost_in_model_and_guide_adds_to_neg_elbo():
+    def model_with_cost():
+        rich_model()
+        storch.add_cost("model_cost", torch.tensor(5.0))
+
+    def guide_with_cost():
+        rich_guide()
+        with pyro.plate("p2", 4):
+            storch.add_cost("guide_cost", torch.tensor(0.25))
+
+    pyro.set_rng_seed(9)
+    expected = pyro.infer.Trace_ELBO().loss(rich_model, rich_guide)
+    pyro.set_rng_seed(9)
+    actual = storch.StorchELBO().loss(model_with_cost, guide_with_cost)
+    assert actual == pytest.approx(expected + 5.0 + 4 * 0.25, rel=1e-5)

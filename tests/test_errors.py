@@ -318,6 +318,30 @@ def test_batch_shape_left_of_max_plate_nesting():
     assert "pyro.plate" in message
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the room check for a site with n_samples>1 counts from the site's own sample "
+    "dim, not from max_plate_nesting, so a second multi-sample site's undeclared batch dim "
+    "silently takes the first site's sample dim",
+)
+def test_second_multi_sample_site_batch_shape_left_of_max_plate_nesting():
+    def model():
+        z = storch.sample(
+            "first", dist.Normal(0.0, 1.0), estimator=estimators.ScoreFunction(n_samples=5)
+        )
+        # batch dim of size 5 at dim -1: left of max_plate_nesting=0, where "first"'s
+        # sample dim already is
+        w = storch.sample(
+            "second",
+            dist.Normal(torch.zeros(5), 1.0),
+            estimator=estimators.ScoreFunction(n_samples=2),
+        )
+        storch.add_cost("c", w + z)
+
+    with pytest.raises(StorchError, match="second"):
+        storch.StorchELBO(max_plate_nesting=0).loss(model, None)
+
+
 def test_batch_shape_inside_plates_is_fine():
     def model():
         loc = pyro.param("loc", torch.zeros(3))
