@@ -62,7 +62,8 @@ def add_cost(name: str, cost: torch.Tensor) -> None:
     over them, as ``pyro.factor`` is; dims outside any plate or sample dim are summed).
     Under :class:`~storch_pyro.StorchELBO` it is added to the loss; the score term of every
     stochastic site drawn before it (in the same plate index) multiplies it. Outside
-    StorchELBO it does nothing (``poutine.trace`` records it as a ``"storch_cost"`` site).
+    StorchELBO it does nothing (it is a ``"storch_cost"`` message that other handlers may see;
+    ``poutine.trace`` does not record it).
 
     Example::
 

@@ -470,3 +470,28 @@ def test_baseline_handler_applies_to_estimator_from_estimator_handler():
     with handlers.estimator(config={"b": estimators.ScoreFunction(n_samples=3)}):
         storch.StorchELBO().loss_and_grads(model, None)
     assert spy.sites == ["b"]
+
+
+def test_model_decorator_naming_a_guide_site_warns_with_hint():
+    # The guide draws "z"; the model only replays it, so a handler on the model configures
+    # nothing there and must say so.
+    def model():
+        pyro.sample("z", dist.Bernoulli(0.5))
+
+    def guide():
+        p = pyro.param("p_hint", torch.tensor(0.3), constraint=dist.constraints.unit_interval)
+        pyro.sample("z", dist.Bernoulli(p))
+
+    decorated = handlers.estimator(model, config={"z": estimators.ScoreFunction(n_samples=2)})
+    with pytest.warns(UnusedConfigWarning, match="drawn in the guide"):
+        storch.StorchELBO().loss_and_grads(decorated, guide)
+
+
+def test_observed_site_in_config_warns():
+    def model():
+        pyro.sample("x", dist.Bernoulli(0.5), obs=torch.tensor(1.0))
+        storch.add_cost("c", torch.tensor(0.0))
+
+    with pytest.warns(UnusedConfigWarning, match="x"):
+        with handlers.estimator(config={"x": estimators.ScoreFunction()}):
+            storch.StorchELBO().loss(model, None)

@@ -17,7 +17,9 @@ class _SiteConfigMessenger(Messenger):
     These messengers do not change messages: :class:`~storch_pyro.StorchELBO` asks every
     active one, innermost first, when a stochastic site is drawn (so they work inside or
     outside the model, around ``svi.step``, or as decorators). They only note which
-    configured site names pass by, to warn about names that never do.
+    names pass by as unobserved sample sites, and which a loss draws or replays from the
+    guide, to warn about names that configure nothing: misspelled, observed,
+    or (when the handler decorates the model) sites that are drawn in the guide.
     """
 
     _kind = ""
@@ -40,7 +42,12 @@ class _SiteConfigMessenger(Messenger):
                 f"got {type(config).__name__}"
             )
         self.config = config
+        self._reset_names()
+
+    def _reset_names(self) -> None:
         self._seen: Set[str] = set()
+        self.drawn: Set[str] = set()
+        self.replayed: Set[str] = set()
 
     def _check_value(self, site: str, value: Any) -> None:
         if value is not None and not isinstance(value, self._type):
@@ -59,22 +66,29 @@ class _SiteConfigMessenger(Messenger):
         return value
 
     def _pyro_sample(self, msg: Message) -> None:
-        if isinstance(self.config, dict) and msg["name"] in self.config:
+        if not msg["is_observed"] and isinstance(self.config, dict):
             self._seen.add(msg["name"])
 
     def __enter__(self):
-        self._seen = set()
+        self._reset_names()
         return super().__enter__()
 
     def __exit__(self, exc_type, exc_value, traceback):
         result = super().__exit__(exc_type, exc_value, traceback)
         if exc_type is None and isinstance(self.config, dict):
-            unused = sorted(set(self.config) - self._seen)
+            effective = self.drawn | (self._seen - self.replayed)
+            unused = sorted(set(self.config) - effective)
             if unused:
+                replayed = sorted(set(unused) & self.replayed)
+                hint = (
+                    f" ({replayed} are drawn in the guide: apply the handler to the guide "
+                    f"or around svi.step)" if replayed else ""
+                )
                 warnings.warn(
                     f"handlers.{self._kind}: config names site(s) {unused} that never "
-                    f"appeared as a sample site while the handler was active; check "
-                    f"the spelling (sites seen: {sorted(self._seen) or 'none'})",
+                    f"appeared as an unobserved sample site while the handler was active"
+                    f"{hint}; check the spelling (sites seen: "
+                    f"{sorted(self._seen) or 'none'})",
                     UnusedConfigWarning,
                     stacklevel=2,
                 )

@@ -19,7 +19,11 @@ from storch_pyro.errors import StorchError
 from storch_pyro.estimators.base import Estimator
 from storch_pyro.estimators.pathwise import Pathwise
 from storch_pyro.estimators.score_function import ScoreFunction
-from storch_pyro.handlers.config import BaselineMessenger, EstimatorMessenger
+from storch_pyro.handlers.config import (
+    BaselineMessenger,
+    EstimatorMessenger,
+    _SiteConfigMessenger,
+)
 from storch_pyro.site_options import INFER_KEY
 
 #: A frame key: (name, dim, counter); dim is None for sequential plates.
@@ -81,6 +85,7 @@ class Run:
     ) -> None:
         self.default_estimator = default_estimator
         self.next_sample_dim = first_sample_dim
+        self.max_plate_nesting = None if first_sample_dim is None else -first_sample_dim - 1
         self.args = args
         self.kwargs = kwargs
         self.nodes: List[Node] = []
@@ -95,6 +100,24 @@ class Run:
         """The sequence of cost and stochastic-site names: what identifies a model
         structure between steps."""
         return tuple(cost.name for cost in self.costs) + tuple(n.name for n in self.nodes)
+
+    def check_batch_shape(self, site: str, batch_shape: torch.Size, n_samples: int) -> None:
+        """Dims of a site left of ``max_plate_nesting`` must be earlier sites' sample dims:
+        anything else would silently mix with them."""
+        if self.max_plate_nesting is None:
+            return
+        sizes = {dim: size for dim, size, _ in self.sample_frames}
+        for dim in range(-len(batch_shape), -self.max_plate_nesting):
+            size = batch_shape[dim]
+            if size != 1 and sizes.get(dim) != size:
+                raise StorchError(
+                    f"site '{site}': its batch shape {tuple(batch_shape)} has size {size} at "
+                    f"dim {dim}, left of max_plate_nesting={self.max_plate_nesting}, where "
+                    f"sample dims of multi-sample sites go"
+                    + (f" (this site asks for n_samples={n_samples})" if n_samples > 1 else "")
+                    + ". Declare batch dims with pyro.plate, or raise "
+                    "StorchELBO(max_plate_nesting=...)."
+                )
 
     def allocate_sample_dim(self, site: str, n_samples: int) -> int:
         if self.next_sample_dim is None:
@@ -142,6 +165,9 @@ class StorchMessenger(Messenger):
             if not msg["is_observed"] and name in self.run.guide_values:
                 msg["value"] = self.run.guide_values[name]
                 msg["done"] = True
+                for handler in _PYRO_STACK:
+                    if isinstance(handler, _SiteConfigMessenger):
+                        handler.replayed.add(name)
                 return
         if msg["is_observed"] or msg["done"] or type(msg["fn"]) is _Subsample:
             return
@@ -151,16 +177,17 @@ class StorchMessenger(Messenger):
         k = estimator.n_samples
         sample_dim = None
         sample_shape: Tuple[int, ...] = ()
+        if k > 1 or self.run.sample_frames:
+            self.run.check_batch_shape(name, fn.batch_shape, k)
         if k > 1:
             sample_dim = self.run.allocate_sample_dim(name, k)
             batch_rank = len(fn.batch_shape)
             room = -sample_dim - 1
-            if batch_rank > room:
+            if batch_rank > room:  # only leading dims of size 1 can reach that far
                 raise StorchError(
-                    f"site '{name}': its batch shape {tuple(fn.batch_shape)} reaches left of "
-                    f"max_plate_nesting={room - len(self.run.sample_frames) + 1}, where "
-                    f"the sample dim of n_samples={k} goes. Declare batch dims with "
-                    f"pyro.plate, or raise StorchELBO(max_plate_nesting=...)."
+                    f"site '{name}': its batch shape {tuple(fn.batch_shape)} has more dims "
+                    f"than max_plate_nesting={self.run.max_plate_nesting} plus earlier sample "
+                    f"dims; squeeze its leading dims of size 1."
                 )
             sample_shape = (k,) + (1,) * (room - batch_rank)
         msg["value"] = estimator.draw(fn, sample_shape)
@@ -168,12 +195,17 @@ class StorchMessenger(Messenger):
         self._pending[name] = (estimator, baseline, sample_dim)
 
     def _resolve(self, msg: Message) -> Tuple[Estimator, Optional[Baseline]]:
+        """The site's estimator and baseline, by the precedence rules of
+        :func:`storch_pyro.handlers.estimator` and :func:`storch_pyro.handlers.baseline`."""
+        configs = [h for h in reversed(_PYRO_STACK) if isinstance(h, _SiteConfigMessenger)]
+        for handler in configs:
+            handler.drawn.add(msg["name"])
         options = msg["infer"].get(INFER_KEY)
         estimator = options.estimator if options is not None else None
         baseline = options.baseline if options is not None else None
         explicit_baseline = baseline is not None
         if estimator is None:
-            for handler in reversed(_PYRO_STACK):
+            for handler in configs:
                 if type(handler) is EstimatorMessenger:
                     estimator = handler.lookup(msg)
                     if estimator is not None:
@@ -188,10 +220,10 @@ class StorchMessenger(Messenger):
             baseline = estimator.baseline
             explicit_baseline = baseline is not None
         if baseline is None and "baseline" in msg["infer"]:
+            # Like TraceGraph_ELBO, ignore the annotation where there is no score term.
             baseline = self._annotated_baseline(msg)
-            explicit_baseline = baseline is not None
         if baseline is None:
-            for handler in reversed(_PYRO_STACK):
+            for handler in configs:
                 if type(handler) is BaselineMessenger:
                     baseline = handler.lookup(msg)
                     if baseline is not None:
