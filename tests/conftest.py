@@ -1,5 +1,6 @@
 import pyro
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -10,3 +11,13 @@ def _clean_pyro_state():
     pyro.enable_validation(True)
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Thousands of steps on tiny tensors: one intra-op thread is fastest, and avoids OpenMP
+    spin-waits that make tiny ops 1000x slower when the other core is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

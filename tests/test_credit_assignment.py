@@ -20,14 +20,6 @@ from storch_pyro.diagnostics import flat_grad, gradient_stats
 HUGE = 1.0e6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Thousands of steps on tiny tensors: one intra-op thread is fastest, and avoids OpenMP
-    spin-waits that make tiny ops 1000x slower when the other core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _leaf(values) -> torch.Tensor:

@@ -22,18 +22,11 @@ from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO, config_enumerate
 import storch_pyro as storch
 from storch_pyro import baselines, estimators
 from storch_pyro.diagnostics import GradientStats, flat_grad, gradient_stats
+from tests.toys import TARGET, bernoulli_event_model, bernoulli_plate_model
 
 Z_BOUND = 4.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tests run thousands of steps on tiny tensors: one intra-op thread is fastest, and
-    avoids OpenMP spin-waits that make tiny ops 1000x slower when the other core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_unbiased(stats: GradientStats, bound: float = Z_BOUND) -> None:
@@ -170,7 +163,6 @@ def test_learned_baseline_output_is_used_and_trained():
 # ==== 2. a Bernoulli toy: exact gradient by summing over all 8 outcomes ======================
 
 PHI = [-0.5, 0.3, 1.0]
-TARGET = torch.tensor([0.0, 1.0, 0.3])
 
 
 def bernoulli_exact(phi_values, target) -> torch.Tensor:
@@ -186,17 +178,6 @@ def bernoulli_exact(phi_values, target) -> torch.Tensor:
     p = torch.sigmoid(torch.tensor(phi_values))
     assert torch.allclose(grad, p * (1 - p) * (1 - 2 * target), atol=1e-6)
     return grad
-
-
-def bernoulli_event_model(phi, estimator):
-    b = storch.sample("b", dist.Bernoulli(logits=phi).to_event(1), estimator=estimator)
-    storch.add_cost("c", ((b - TARGET) ** 2).sum(-1))
-
-
-def bernoulli_plate_model(phi, estimator):
-    with pyro.plate("p", 3):
-        b = storch.sample("b", dist.Bernoulli(logits=phi), estimator=estimator)
-        storch.add_cost("c", (b - TARGET) ** 2)
 
 
 @pytest.mark.parametrize(

@@ -10,23 +10,13 @@ constant baseline E[e^2] = u^2 + 1 it is 18 s^2: no baseline can do better than 
 """
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 
 import storch_pyro as storch
 from storch_pyro import baselines, estimators
 from storch_pyro.diagnostics import gradient_stats
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Thousands of steps on tiny tensors: one intra-op thread is fastest, and avoids OpenMP
-    spin-waits that make tiny ops 1000x slower when the other core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.toys import bernoulli_event_model, bernoulli_plate_model, story
 
 
 def _leaf(values) -> torch.Tensor:
@@ -35,24 +25,6 @@ def _leaf(values) -> torch.Tensor:
 
 A, B, C = 1.0, 0.5, 0.5
 PHI = [-0.5, 0.3, 1.0]
-TARGET = torch.tensor([0.0, 1.0, 0.3])
-
-
-def story(a, b, c, estimator):
-    d = a + b
-    e = storch.sample("e", dist.Normal(c + b, 1.0), estimator=estimator)
-    storch.add_cost("f", d * e**2)
-
-
-def bernoulli_event_model(phi, estimator):
-    b = storch.sample("b", dist.Bernoulli(logits=phi).to_event(1), estimator=estimator)
-    storch.add_cost("c", ((b - TARGET) ** 2).sum(-1))
-
-
-def bernoulli_plate_model(phi, estimator):
-    with pyro.plate("p", 3):
-        b = storch.sample("b", dist.Bernoulli(logits=phi), estimator=estimator)
-        storch.add_cost("c", (b - TARGET) ** 2)
 
 
 def story_variance(estimator, n, warmup=0, seed=0):

@@ -6,6 +6,7 @@ guide values into the model, and records what the surrogate loss needs: the scor
 each stochastic node, and every cost with its plates and its position in execution order.
 """
 
+from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
@@ -39,38 +40,32 @@ class NeedsPlateNesting(Exception):
     ``max_plate_nesting`` is known."""
 
 
+@dataclass(slots=True)
 class Node:
     """A stochastic site whose score term :math:`l_z` enters the surrogate."""
 
-    __slots__ = ("name", "score", "ordinal", "seq", "index", "baseline", "sample_dim",
-                 "n_samples", "weight")
-
-    def __init__(self, name, score, ordinal, seq, index, baseline, sample_dim, n_samples,
-                 weight):
-        self.name = name
-        self.score = score
-        self.ordinal = ordinal
-        self.seq = seq
-        self.index = index
-        self.baseline = baseline
-        self.sample_dim = sample_dim
-        self.n_samples = n_samples
-        self.weight = weight
+    name: str
+    score: torch.Tensor
+    ordinal: FrozenSet[FrameKey]
+    seq: tuple
+    index: int
+    baseline: Optional[Baseline]
+    sample_dim: Optional[int]
+    n_samples: int
+    weight: float
 
 
+@dataclass(slots=True)
 class Cost:
     """A cost ``sign * value`` (to minimize), reduced to its plate and sample dims."""
 
-    __slots__ = ("name", "value", "sign", "ordinal", "seq", "n_before", "weight")
-
-    def __init__(self, name, value, sign, ordinal, seq, n_before, weight):
-        self.name = name
-        self.value = value
-        self.sign = sign
-        self.ordinal = ordinal
-        self.seq = seq
-        self.n_before = n_before
-        self.weight = weight
+    name: str
+    value: torch.Tensor
+    sign: float
+    ordinal: FrozenSet[FrameKey]
+    seq: tuple
+    n_before: int
+    weight: float
 
 
 class Run:
