@@ -21,6 +21,7 @@ sites costs a few tensor ops.
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
+from pyro.distributions.util import scale_and_mask
 
 from storch_pyro.baselines import BaselineContext
 from storch_pyro.errors import NonFiniteCostError, StorchError
@@ -106,7 +107,7 @@ class _ScorePrefix:
         if n < done:
             done, total = 0, None
         for node in self.nodes[done:n]:
-            if _compatible(node.seq, seq):
+            if node.score is not None and _compatible(node.seq, seq):
                 score = _sum_except(node.score, _shared_dims(node.ordinal, ordinal))
                 total = score if total is None else total + score
         self.cache[ordinal] = (n, total)
@@ -135,13 +136,30 @@ def surrogate_loss(run: Run) -> torch.Tensor:
     for node in run.nodes:
         if node.baseline is not None:
             total = _add(total, _baseline_term(run, node, groups, prefix, boxes), node.weight)
+        if node.estimator.has_control_term:
+            total = _add(
+                total, _control_term(node, groups, prefix, boxes), node.weight / node.own_weight
+            )
     return torch.zeros(()) if total is None else total
+
+
+def _control_term(node: Node, groups: List[_Group], prefix, boxes) -> torch.Tensor:
+    """The estimator's zero-valued term, times the box of the scores upstream of the node
+    (so that, as for baselines, the upstream score terms see it at higher orders)."""
+    downstream = _downstream_cost(node, groups)
+    term = node.estimator.control_term(node.fn, node.state, node.sample_dim, downstream)
+    term = scale_and_mask(term, 1.0, node.mask)
+    before = prefix(node.ordinal, node.seq, node.index)
+    if before is not None:
+        term = term * boxes(before)
+    return term.sum()
 
 
 def _downstream_cost(node: Node, groups: List[_Group]) -> torch.Tensor:
     """:math:`D_z`: the detached costs the node's score multiplies, on the node's dims."""
     total = None
-    rank = node.score.dim()
+    shape = node.log_prob.shape
+    rank = len(shape)
     for group in groups:
         if group.n_before > node.index and _compatible(node.seq, group.seq):
             reduced = _sum_except(group.value.detach(), _shared_dims(group.ordinal, node.ordinal))
@@ -152,9 +170,9 @@ def _downstream_cost(node: Node, groups: List[_Group]) -> torch.Tensor:
                 reduced = reduced * ratio
             total = reduced if total is None else total + reduced
     if total is None:
-        return torch.zeros_like(node.score)
-    if total.shape != node.score.shape:
-        total = total.expand(node.score.shape)
+        return node.log_prob.new_zeros(shape)
+    if total.shape != shape:
+        total = total.expand(shape)
     return total
 
 
@@ -170,7 +188,9 @@ def _baseline_term(
     r""":math:`(1 - \boxdot(l_z))\boxdot(\sum_{y \to z} l_y)\bot(b_z)`, summed (unweighted),
     plus the zero-valued squared-error term that trains a baseline requiring grad."""
     downstream = _downstream_cost(node, groups)
-    context = BaselineContext(node.name, node.sample_dim, node.n_samples, run.args, run.kwargs)
+    context = BaselineContext(
+        node.name, node.sample_dim, node.estimator.n_samples, run.args, run.kwargs
+    )
     baseline = node.baseline(context, downstream)
     if not isinstance(baseline, torch.Tensor):
         baseline = torch.as_tensor(baseline, dtype=downstream.dtype, device=downstream.device)
@@ -203,7 +223,7 @@ def raise_if_not_finite(run: Run) -> None:
                 f"in the support of its distribution."
             )
     for node in run.nodes:
-        if not bool(torch.isfinite(node.score).all()):
+        if not bool(torch.isfinite(node.log_prob).all()):
             raise NonFiniteCostError(
                 f"the log-probability of the sample at site '{node.name}' is not finite; its "
                 f"distribution's parameters may have become NaN or degenerate."

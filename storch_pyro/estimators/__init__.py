@@ -1,7 +1,8 @@
 """Gradient estimators: one module per family, all subclasses of :class:`Estimator`."""
 
+from storch_pyro.estimators.antithetic import ARM, DisARM
 from storch_pyro.estimators.base import Estimator, working_estimators
 from storch_pyro.estimators.pathwise import Pathwise
 from storch_pyro.estimators.score_function import ScoreFunction
 
-__all__ = ["Estimator", "Pathwise", "ScoreFunction", "working_estimators"]
+__all__ = ["ARM", "DisARM", "Estimator", "Pathwise", "ScoreFunction", "working_estimators"]

@@ -1,6 +1,6 @@
 """The :class:`Estimator` base class shared by every gradient estimator."""
 
-from typing import ClassVar, List, Optional, Tuple, Type
+from typing import Any, ClassVar, List, Optional, Tuple, Type
 
 import torch
 from torch.distributions import Distribution
@@ -23,7 +23,9 @@ class Estimator:
         \\qquad \\boxdot(x) = \\exp(x - \\bot(x)).
 
     Subclasses set :attr:`has_score` (whether :math:`l_z = \\log q(z)` multiplies the
-    downstream costs), implement :meth:`draw` and :meth:`supports`.
+    downstream costs), implement :meth:`draw` and :meth:`supports`, and may add a
+    zero-valued term built from the site's downstream costs (:meth:`control_term`, with
+    :attr:`has_control_term`), as antithetic estimators do.
 
     :param int n_samples: number of independent samples drawn at the site. With ``k > 1``
         the value gets a sample dimension of size ``k`` left of all plates, and the loss
@@ -32,6 +34,8 @@ class Estimator:
 
     #: Whether :math:`\\log q(z)` of the drawn value enters the surrogate as a score term.
     has_score: ClassVar[bool] = True
+    #: Whether :meth:`control_term` adds to the surrogate.
+    has_control_term: ClassVar[bool] = False
     #: Every public estimator class, so errors can list the ones that would work.
     registry: ClassVar[List[Type["Estimator"]]] = []
 
@@ -57,8 +61,27 @@ class Estimator:
         """Whether this estimator can handle the distribution ``fn``."""
         raise NotImplementedError
 
-    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]) -> torch.Tensor:
-        """Draws the site's value, with ``sample_shape`` prepended to ``fn``'s shape."""
+    @property
+    def sample_size(self) -> int:
+        """Size of the site's sample dim: the number of values drawn (``n_samples``, or
+        ``2 * n_samples`` for antithetic pairs)."""
+        return self.n_samples
+
+    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]) -> Tuple[torch.Tensor, Any]:
+        """Draws the site's value, with ``sample_shape`` (``(sample_size, 1, ...)`` or
+        ``()``) prepended to ``fn``'s shape. Returns the value and any state
+        :meth:`control_term` needs later (e.g. the uniform noise)."""
+        raise NotImplementedError
+
+    def control_term(
+        self, fn: Distribution, state: Any, sample_dim: Optional[int],
+        downstream_cost: torch.Tensor,
+    ) -> torch.Tensor:
+        """A term of value zero whose gradient is the estimator's gradient, given the
+        detached downstream cost :math:`D` of every drawn value (shaped like the site's
+        batch shape, its own sample dim at ``sample_dim``). Reduced over the site's own
+        samples (with their weights) and event dims, not over plates or upstream sample
+        dims: the loss weights and sums those."""
         raise NotImplementedError
 
     def check(self, site: str, fn: Distribution) -> None:

@@ -27,8 +27,8 @@ class Pathwise(Estimator):
     def supports(cls, fn: Distribution) -> bool:
         return bool(fn.has_rsample)
 
-    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]) -> torch.Tensor:
-        return fn.rsample(sample_shape)
+    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]) -> Tuple[torch.Tensor, None]:
+        return fn.rsample(sample_shape), None
 
     def _unsupported_reason(self, fn: Distribution) -> str:
         return " (it is not reparameterizable: has_rsample is False)"

@@ -52,8 +52,8 @@ class ScoreFunction(Estimator):
     def supports(cls, fn: Distribution) -> bool:
         return True
 
-    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]) -> torch.Tensor:
-        return fn.sample(sample_shape)
+    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]) -> Tuple[torch.Tensor, None]:
+        return fn.sample(sample_shape), None
 
     def __repr__(self) -> str:
         return f"ScoreFunction(n_samples={self.n_samples}, baseline={self._baseline!r})"

@@ -42,17 +42,27 @@ class NeedsPlateNesting(Exception):
 
 @dataclass(slots=True)
 class Node:
-    """A stochastic site whose score term :math:`l_z` enters the surrogate."""
+    """A stochastic site whose score term :math:`l_z` (``score``, ``None`` without one),
+    baseline or control term enters the surrogate. ``log_prob`` gives its batch shape."""
 
     name: str
-    score: torch.Tensor
+    score: Optional[torch.Tensor]
+    log_prob: torch.Tensor
     ordinal: FrozenSet[FrameKey]
     seq: tuple
     index: int
+    estimator: Estimator
     baseline: Optional[Baseline]
+    fn: Any
+    state: Any
+    mask: Any
     sample_dim: Optional[int]
-    n_samples: int
     weight: float
+
+    @property
+    def own_weight(self) -> float:
+        """The weight of the node's own sample dim (``1 / sample_size``)."""
+        return 1.0 / self.estimator.sample_size if self.sample_dim is not None else 1.0
 
 
 @dataclass(slots=True)
@@ -151,7 +161,7 @@ class StorchMessenger(Messenger):
         super().__init__()
         self.run = run
         self.role = role
-        self._pending: Dict[str, Tuple[Estimator, Optional[Baseline], Optional[int]]] = {}
+        self._pending: Dict[str, Tuple[Estimator, Optional[Baseline], Optional[int], Any]] = {}
 
     # ---- drawing -------------------------------------------------------------------------
     def _pyro_sample(self, msg: Message) -> None:
@@ -169,11 +179,11 @@ class StorchMessenger(Messenger):
         estimator, baseline = self._resolve(msg)
         fn = msg["fn"]
         estimator.check(name, fn)
-        k = estimator.n_samples
+        k = estimator.sample_size
         sample_dim = None
         sample_shape: Tuple[int, ...] = ()
         if k > 1 or self.run.sample_frames:
-            self.run.check_batch_shape(name, fn.batch_shape, k)
+            self.run.check_batch_shape(name, fn.batch_shape, estimator.n_samples)
         if k > 1:
             sample_dim = self.run.allocate_sample_dim(name, k)
             batch_rank = len(fn.batch_shape)
@@ -185,9 +195,9 @@ class StorchMessenger(Messenger):
                     f"dims; squeeze its leading dims of size 1."
                 )
             sample_shape = (k,) + (1,) * (room - batch_rank)
-        msg["value"] = estimator.draw(fn, sample_shape)
+        msg["value"], state = estimator.draw(fn, sample_shape)
         msg["done"] = True
-        self._pending[name] = (estimator, baseline, sample_dim)
+        self._pending[name] = (estimator, baseline, sample_dim, state)
 
     def _resolve(self, msg: Message) -> Tuple[Estimator, Optional[Baseline]]:
         """The site's estimator and baseline, by the precedence rules of
@@ -266,17 +276,18 @@ class StorchMessenger(Messenger):
         log_prob = fn.log_prob(value)
         masked = scale_and_mask(log_prob, 1.0, msg["mask"])
         if pending is not None:
-            estimator, baseline, sample_dim = pending
+            estimator, baseline, sample_dim, state = pending
             ordinal, seq, weight = run.frames_of(log_prob, stack)
             if self.role == "guide":
                 run.guide_values[name] = value
                 run.guide_latents.append(name)
             elif self.role == "model":
                 run.model_latents.append(name)
-            if estimator.has_score:
+            if estimator.has_score or estimator.has_control_term:
+                score = masked if estimator.has_score else None
                 run.nodes.append(
-                    Node(name, masked, ordinal, seq, len(run.nodes), baseline, sample_dim,
-                         estimator.n_samples, weight)
+                    Node(name, score, masked, ordinal, seq, len(run.nodes), estimator,
+                         baseline, fn, state, msg["mask"], sample_dim, weight)
                 )
             if self.role == "scg":
                 return
