@@ -1,7 +1,8 @@
 """Assembles the surrogate loss from the records of a :class:`~storch_pyro.handlers.tracing.Run`.
 
-For costs :math:`c` (with sample weight :math:`w_c`, the product of :math:`1/k` over the
-sample dims they carry) and stochastic nodes :math:`z` with score terms :math:`l_z`,
+For costs :math:`c` (with sample weight :math:`w_c`, the product over the sample dims they
+carry of the weights of the samples: :math:`1/k` for ``k`` i.i.d. samples, :math:`q(z)` for
+an enumerated support, ...) and stochastic nodes :math:`z` with score terms :math:`l_z`,
 
 .. math::
 
@@ -89,9 +90,14 @@ class _Boxes:
         return hit[1]
 
 
-def _add(total: Optional[torch.Tensor], term: torch.Tensor, weight: float) -> torch.Tensor:
-    if weight != 1.0:
-        term = term * weight
+def _add(total: Optional[torch.Tensor], term: torch.Tensor, weight) -> torch.Tensor:
+    """``total + sum(term * weight)``; ``weight`` is a float or a tensor along sample dims."""
+    if isinstance(weight, torch.Tensor):
+        term = (term * weight).sum()
+    else:
+        term = term.sum()
+        if weight != 1.0:
+            term = term * weight
     return term if total is None else total + term
 
 
@@ -119,7 +125,7 @@ def expected_cost(run: Run) -> torch.Tensor:
     work: :math:`\\sum_c w_c\\, c`."""
     total = None
     for cost in run.costs:
-        total = _add(total, cost.value.sum(), cost.sign * cost.weight)
+        total = _add(total, cost.value if cost.sign > 0 else -cost.value, cost.weight)
     return torch.zeros(()) if total is None else total
 
 
@@ -132,42 +138,44 @@ def surrogate_loss(run: Run) -> torch.Tensor:
     for group in groups:
         scores = prefix(group.ordinal, group.seq, group.n_before)
         term = group.value if scores is None else boxes(scores) * group.value
-        total = _add(total, term.sum(), group.weight)
+        total = _add(total, term, group.weight)
     for node in run.nodes:
         if node.baseline is not None:
             total = _add(total, _baseline_term(run, node, groups, prefix, boxes), node.weight)
         if node.estimator.has_control_term:
-            total = _add(
-                total, _control_term(node, groups, prefix, boxes), node.weight / node.own_weight
-            )
+            upstream_weight = run.weight_of(node.ordinal - {node.own_frame})
+            total = _add(total, _control_term(run, node, groups, prefix, boxes), upstream_weight)
     return torch.zeros(()) if total is None else total
 
 
-def _control_term(node: Node, groups: List[_Group], prefix, boxes) -> torch.Tensor:
+def _control_term(run: Run, node: Node, groups: List[_Group], prefix, boxes) -> torch.Tensor:
     """The estimator's zero-valued term, times the box of the scores upstream of the node
     (so that, as for baselines, the upstream score terms see it at higher orders)."""
-    downstream = _downstream_cost(node, groups)
+    downstream = _downstream_cost(run, node, groups)
     term = node.estimator.control_term(node.fn, node.state, node.sample_dim, downstream)
     term = scale_and_mask(term, 1.0, node.mask)
     before = prefix(node.ordinal, node.seq, node.index)
     if before is not None:
         term = term * boxes(before)
-    return term.sum()
+    return term
 
 
-def _downstream_cost(node: Node, groups: List[_Group]) -> torch.Tensor:
+def _downstream_cost(run: Run, node: Node, groups: List[_Group]) -> torch.Tensor:
     """:math:`D_z`: the detached costs the node's score multiplies, on the node's dims."""
     total = None
     shape = node.log_prob.shape
     rank = len(shape)
     for group in groups:
         if group.n_before > node.index and _compatible(node.seq, group.seq):
-            reduced = _sum_except(group.value.detach(), _shared_dims(group.ordinal, node.ordinal))
+            value = group.value.detach()
+            weight = run.weight_of(group.ordinal - node.ordinal)
+            if isinstance(weight, torch.Tensor):
+                value = value * weight.detach()
+            reduced = _sum_except(value, _shared_dims(group.ordinal, node.ordinal))
             if reduced.dim() > rank:
                 reduced = reduced.reshape(reduced.shape[reduced.dim() - rank:])
-            ratio = group.weight / node.weight
-            if ratio != 1.0:
-                reduced = reduced * ratio
+            if not isinstance(weight, torch.Tensor) and weight != 1.0:
+                reduced = reduced * weight
             total = reduced if total is None else total + reduced
     if total is None:
         return node.log_prob.new_zeros(shape)
@@ -185,9 +193,9 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
 def _baseline_term(
     run: Run, node: Node, groups: List[_Group], prefix: _ScorePrefix, boxes: _Boxes
 ) -> torch.Tensor:
-    r""":math:`(1 - \boxdot(l_z))\boxdot(\sum_{y \to z} l_y)\bot(b_z)`, summed (unweighted),
+    r""":math:`(1 - \boxdot(l_z))\boxdot(\sum_{y \to z} l_y)\bot(b_z)`, unweighted and unsummed,
     plus the zero-valued squared-error term that trains a baseline requiring grad."""
-    downstream = _downstream_cost(node, groups)
+    downstream = _downstream_cost(run, node, groups)
     context = BaselineContext(
         node.name, node.sample_dim, node.estimator.n_samples, run.args, run.kwargs
     )
@@ -205,9 +213,9 @@ def _baseline_term(
     box = 1.0 - boxes(node.score)
     if before is not None:
         box = box * boxes(before)
-    term = (box * baseline.detach()).sum()
+    term = box * baseline.detach()
     if baseline.requires_grad:
-        fit = (baseline - downstream).pow(2).sum()
+        fit = (baseline - downstream).pow(2)
         term = term + (fit - fit.detach())
     return term
 

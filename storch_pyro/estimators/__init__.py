@@ -2,7 +2,17 @@
 
 from storch_pyro.estimators.antithetic import ARM, DisARM
 from storch_pyro.estimators.base import Estimator, working_estimators
+from storch_pyro.estimators.enumeration import Enumerate, SumAndSample
 from storch_pyro.estimators.pathwise import Pathwise
 from storch_pyro.estimators.score_function import ScoreFunction
 
-__all__ = ["ARM", "DisARM", "Estimator", "Pathwise", "ScoreFunction", "working_estimators"]
+__all__ = [
+    "ARM",
+    "DisARM",
+    "Enumerate",
+    "Estimator",
+    "Pathwise",
+    "ScoreFunction",
+    "SumAndSample",
+    "working_estimators",
+]

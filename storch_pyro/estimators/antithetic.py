@@ -37,8 +37,7 @@ class _AntitheticBernoulli(Estimator):
     def _unsupported_reason(self, fn: Distribution) -> str:
         return " (it needs a Bernoulli, possibly .to_event or .expand-ed)"
 
-    @property
-    def sample_size(self) -> int:
+    def sample_size(self, fn: Distribution) -> int:
         return 2 * self.n_samples
 
     def _pair(self, logits: torch.Tensor, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -61,11 +61,25 @@ class Estimator:
         """Whether this estimator can handle the distribution ``fn``."""
         raise NotImplementedError
 
-    @property
-    def sample_size(self) -> int:
-        """Size of the site's sample dim: the number of values drawn (``n_samples``, or
-        ``2 * n_samples`` for antithetic pairs)."""
+    def sample_size(self, fn: Distribution) -> int:
+        """Size of the site's sample dim: the number of values drawn (``n_samples``,
+        ``2 * n_samples`` for antithetic pairs, the support size for enumeration)."""
         return self.n_samples
+
+    def sample_weights(
+        self, fn: Distribution, value: torch.Tensor, log_prob: torch.Tensor, state: Any
+    ) -> Optional[torch.Tensor]:
+        """Weights of the drawn values along the site's sample dim (shaped like
+        ``log_prob``), or ``None`` for equal weights ``1 / sample_size``. Weights that
+        require grad are differentiated (as in exact enumeration)."""
+        return None
+
+    def score_term(
+        self, fn: Distribution, value: torch.Tensor, log_prob: torch.Tensor, state: Any
+    ) -> torch.Tensor:
+        """The score term :math:`l_z` (used when :attr:`has_score`): ``log_prob`` (masked)
+        by default."""
+        return log_prob
 
     def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]) -> Tuple[torch.Tensor, Any]:
         """Draws the site's value, with ``sample_shape`` (``(sample_size, 1, ...)`` or

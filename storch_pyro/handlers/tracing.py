@@ -57,12 +57,9 @@ class Node:
     state: Any
     mask: Any
     sample_dim: Optional[int]
-    weight: float
+    own_frame: Optional[FrameKey]
+    weight: Any
 
-    @property
-    def own_weight(self) -> float:
-        """The weight of the node's own sample dim (``1 / sample_size``)."""
-        return 1.0 / self.estimator.sample_size if self.sample_dim is not None else 1.0
 
 
 @dataclass(slots=True)
@@ -75,7 +72,7 @@ class Cost:
     ordinal: FrozenSet[FrameKey]
     seq: tuple
     n_before: int
-    weight: float
+    weight: Any
 
 
 class Run:
@@ -96,6 +93,10 @@ class Run:
         self.nodes: List[Node] = []
         self.costs: List[Cost] = []
         self.sample_frames: List[Tuple[int, int, FrameKey]] = []
+        #: Weight of each sample frame's samples: 1/k, or a tensor along its dim.
+        self.frame_weights: Dict[FrameKey, Any] = {}
+        #: Plates a cost must be in to carry a sample frame with per-plate-index weights.
+        self.frame_plates: Dict[FrameKey, FrozenSet[FrameKey]] = {}
         self.guide_values: Dict[str, torch.Tensor] = {}
         self.guide_latents: List[str] = []
         self.model_latents: List[str] = []
@@ -124,24 +125,46 @@ class Run:
                     "StorchELBO(max_plate_nesting=...)."
                 )
 
-    def allocate_sample_dim(self, site: str, n_samples: int) -> int:
+    def allocate_sample_dim(self, site: str, n_samples: int) -> Tuple[int, FrameKey]:
         if self.next_sample_dim is None:
             raise NeedsPlateNesting(site)
         dim = self.next_sample_dim
         self.next_sample_dim -= 1
-        self.sample_frames.append((dim, n_samples, (SAMPLE_FRAME_PREFIX + site, dim, 0)))
-        return dim
+        key = (SAMPLE_FRAME_PREFIX + site, dim, 0)
+        self.sample_frames.append((dim, n_samples, key))
+        self.frame_weights[key] = 1.0 / n_samples
+        return dim, key
 
-    def frames_of(self, tensor: torch.Tensor, stack) -> Tuple[FrozenSet[FrameKey], tuple, float]:
+    def weight_of(self, ordinal) -> Any:
+        """Product of the sample weights of the sample frames in ``ordinal``."""
+        weight = 1.0
+        for key in ordinal:
+            frame_weight = self.frame_weights.get(key)
+            if frame_weight is not None:
+                weight = weight * frame_weight
+        return weight
+
+    def frames_of(self, tensor: torch.Tensor, stack, site: str = "") -> Tuple[Any, tuple, Any]:
         """(ordinal, sequential frames, sample weight) of a tensor recorded at a site."""
         keys = [(f.name, f.dim, f.counter) for f in stack]
         weight = 1.0
         if self.sample_frames:
+            plates = frozenset(keys)
             ndim = tensor.dim()
             for dim, size, key in self.sample_frames:
                 if ndim >= -dim and tensor.shape[dim] > 1:
                     keys.append(key)
-                    weight /= size
+                    weight = weight * self.frame_weights[key]
+                    needed = self.frame_plates.get(key)
+                    if needed is not None and not needed <= plates:
+                        raise StorchError(
+                            f"site '{site}' depends on the samples of "
+                            f"'{key[0][len(SAMPLE_FRAME_PREFIX):]}', whose sample weights "
+                            f"differ across the indices of plate(s) "
+                            f"{sorted(k[0] for k in needed - plates)}, outside those plates. "
+                            f"Move '{site}' inside them, or give that site an estimator that "
+                            f"samples (e.g. ScoreFunction)."
+                        )
         seq = tuple((f.name, f.counter) for f in stack if f.dim is None)
         return frozenset(keys), seq, weight
 
@@ -179,13 +202,14 @@ class StorchMessenger(Messenger):
         estimator, baseline = self._resolve(msg)
         fn = msg["fn"]
         estimator.check(name, fn)
-        k = estimator.sample_size
+        k = estimator.sample_size(fn)
         sample_dim = None
+        own_frame = None
         sample_shape: Tuple[int, ...] = ()
         if k > 1 or self.run.sample_frames:
             self.run.check_batch_shape(name, fn.batch_shape, estimator.n_samples)
         if k > 1:
-            sample_dim = self.run.allocate_sample_dim(name, k)
+            sample_dim, own_frame = self.run.allocate_sample_dim(name, k)
             batch_rank = len(fn.batch_shape)
             room = -sample_dim - 1
             if batch_rank > room:  # only leading dims of size 1 can reach that far
@@ -197,7 +221,7 @@ class StorchMessenger(Messenger):
             sample_shape = (k,) + (1,) * (room - batch_rank)
         msg["value"], state = estimator.draw(fn, sample_shape)
         msg["done"] = True
-        self._pending[name] = (estimator, baseline, sample_dim, state)
+        self._pending[name] = (estimator, baseline, sample_dim, own_frame, state)
 
     def _resolve(self, msg: Message) -> Tuple[Estimator, Optional[Baseline]]:
         """The site's estimator and baseline, by the precedence rules of
@@ -276,18 +300,27 @@ class StorchMessenger(Messenger):
         log_prob = fn.log_prob(value)
         masked = scale_and_mask(log_prob, 1.0, msg["mask"])
         if pending is not None:
-            estimator, baseline, sample_dim, state = pending
-            ordinal, seq, weight = run.frames_of(log_prob, stack)
+            estimator, baseline, sample_dim, own_frame, state = pending
+            if own_frame is not None:
+                weights = estimator.sample_weights(fn, value, log_prob, state)
+                if weights is not None:
+                    run.frame_weights[own_frame] = weights
+                    run.frame_plates[own_frame] = frozenset(
+                        (f.name, f.dim, f.counter) for f in stack if f.dim is not None
+                    )
+            ordinal, seq, weight = run.frames_of(log_prob, stack, name)
             if self.role == "guide":
                 run.guide_values[name] = value
                 run.guide_latents.append(name)
             elif self.role == "model":
                 run.model_latents.append(name)
             if estimator.has_score or estimator.has_control_term:
-                score = masked if estimator.has_score else None
+                score = None
+                if estimator.has_score:
+                    score = estimator.score_term(fn, value, masked, state)
                 run.nodes.append(
                     Node(name, score, masked, ordinal, seq, len(run.nodes), estimator,
-                         baseline, fn, state, msg["mask"], sample_dim, weight)
+                         baseline, fn, state, msg["mask"], sample_dim, own_frame, weight)
                 )
             if self.role == "scg":
                 return
@@ -297,7 +330,7 @@ class StorchMessenger(Messenger):
         if self.role == "model":
             run.model_names.add(name)
         sign = 1.0 if self.role == "guide" else -1.0
-        ordinal, seq, weight = run.frames_of(log_prob, stack)
+        ordinal, seq, weight = run.frames_of(log_prob, stack, name)
         self._add_cost(name, masked, msg["scale"], sign, ordinal, seq, weight, stack)
 
     def _pyro_post_storch_cost(self, msg: Message) -> None:
@@ -308,7 +341,7 @@ class StorchMessenger(Messenger):
             )
         stack = msg["cond_indep_stack"]
         value = scale_and_mask(value, 1.0, msg["mask"])
-        ordinal, seq, weight = self.run.frames_of(value, stack)
+        ordinal, seq, weight = self.run.frames_of(value, stack, msg["name"])
         self._add_cost(msg["name"], value, msg["scale"], 1.0, ordinal, seq, weight, stack)
 
     def _add_cost(self, name, value, scale, sign, ordinal, seq, weight, stack) -> None:
