@@ -4,6 +4,7 @@ from storch_pyro.estimators.antithetic import ARM, DisARM
 from storch_pyro.estimators.base import Estimator, working_estimators
 from storch_pyro.estimators.enumeration import Enumerate, SumAndSample
 from storch_pyro.estimators.pathwise import Pathwise
+from storch_pyro.estimators.relaxation import GumbelSoftmax, StraightThrough
 from storch_pyro.estimators.score_function import ScoreFunction
 
 __all__ = [
@@ -11,8 +12,10 @@ __all__ = [
     "DisARM",
     "Enumerate",
     "Estimator",
+    "GumbelSoftmax",
     "Pathwise",
     "ScoreFunction",
+    "StraightThrough",
     "SumAndSample",
     "working_estimators",
 ]

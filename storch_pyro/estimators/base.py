@@ -74,6 +74,12 @@ class Estimator:
         require grad are differentiated (as in exact enumeration)."""
         return None
 
+    def density_value(self, fn: Distribution, value: torch.Tensor, state: Any) -> torch.Tensor:
+        """The value at which the site's log-densities (:math:`\\log q` in the guide,
+        :math:`\\log p` in the model) are evaluated: ``value`` itself, or the discrete value
+        a relaxed sample stands for."""
+        return value
+
     def score_term(
         self, fn: Distribution, value: torch.Tensor, log_prob: torch.Tensor, state: Any
     ) -> torch.Tensor:

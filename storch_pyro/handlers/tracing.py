@@ -98,6 +98,8 @@ class Run:
         #: Plates a cost must be in to carry a sample frame with per-plate-index weights.
         self.frame_plates: Dict[FrameKey, FrozenSet[FrameKey]] = {}
         self.guide_values: Dict[str, torch.Tensor] = {}
+        #: Where a relaxed value stands in for a discrete one: the value densities see.
+        self.density_values: Dict[str, torch.Tensor] = {}
         self.guide_latents: List[str] = []
         self.model_latents: List[str] = []
         self.model_names: set = set()
@@ -297,7 +299,13 @@ class StorchMessenger(Messenger):
             return
         pending = self._pending.pop(name, None)
         stack = msg["cond_indep_stack"]
-        log_prob = fn.log_prob(value)
+        if pending is not None:
+            density_value = pending[0].density_value(fn, value, pending[4])
+            if density_value is not value:
+                run.density_values[name] = density_value
+        else:
+            density_value = run.density_values.get(name, value) if self.role == "model" else value
+        log_prob = fn.log_prob(density_value)
         masked = scale_and_mask(log_prob, 1.0, msg["mask"])
         if pending is not None:
             estimator, baseline, sample_dim, own_frame, state = pending

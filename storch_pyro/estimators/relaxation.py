@@ -1,0 +1,150 @@
+"""Biased, low-variance estimators for discrete sites: Gumbel-softmax and straight-through."""
+
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import (
+    Bernoulli,
+    Categorical,
+    Distribution,
+    OneHotCategorical,
+    RelaxedBernoulli,
+    RelaxedOneHotCategorical,
+)
+
+from storch_pyro.estimators.base import Estimator
+
+
+def discrete_base(fn: Distribution) -> Optional[Tuple[str, torch.Tensor]]:
+    """``(kind, logits)`` of a Bernoulli, Categorical or OneHotCategorical, possibly
+    wrapped (``.to_event``, ``.expand``, masked); logits broadcast to the site's full shape
+    (``batch + event``, plus the category dim for Categorical). ``None`` otherwise."""
+    base: Optional[Distribution] = fn
+    while base is not None and not isinstance(base, (Bernoulli, Categorical, OneHotCategorical)):
+        base = getattr(base, "base_dist", None)
+    if base is None:
+        return None
+    shape = tuple(fn.batch_shape) + tuple(fn.event_shape)
+    if isinstance(base, Bernoulli):
+        return "bernoulli", torch.broadcast_to(base.logits, shape)
+    if isinstance(base, OneHotCategorical):
+        return "onehot", torch.broadcast_to(base.logits, shape)
+    return "categorical", torch.broadcast_to(base.logits, shape + base.logits.shape[-1:])
+
+
+def _one_hot_argmax(y: torch.Tensor) -> torch.Tensor:
+    return F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype)
+
+
+def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """Value ``hard``, gradient that of ``soft``."""
+    return hard + (soft - soft.detach())
+
+
+class _Relaxation(Estimator):
+    has_score = False
+
+    @classmethod
+    def supports(cls, fn: Distribution) -> bool:
+        return discrete_base(fn) is not None
+
+    def _unsupported_reason(self, fn: Distribution) -> str:
+        return " (it needs a Bernoulli, Categorical or OneHotCategorical)"
+
+    def density_value(self, fn, value, state):
+        kind, hard = state
+        return hard.argmax(-1) if kind == "categorical" else hard
+
+
+class GumbelSoftmax(_Relaxation):
+    """Gumbel-softmax / Concrete relaxation (Jang, Gu & Poole 2017; Maddison, Mnih & Teh
+    2017): with Gumbel noise :math:`G`,
+
+    .. math:: y = \\mathrm{softmax}\\big((\\log \\pi + G)/\\tau\\big),
+
+    and the binary Concrete :math:`y = \\sigma((\\phi + \\log u - \\log(1-u))/\\tau)` for a
+    Bernoulli. The downstream code receives :math:`y` and gradients flow through it
+    (biased; the bias vanishes as :math:`\\tau \\to 0` while the variance grows).
+    ``hard=True`` is the straight-through Gumbel estimator: the value is the discrete
+    :math:`H(y)` (one-hot of the argmax, or :math:`1[y > 1/2]`), the gradient that of
+    :math:`y`.
+
+    **Categorical sites receive one-hot shaped values** (a trailing dim of size K): write
+    the model with them as vectors, ``z @ table`` rather than ``table[z]`` (or use
+    ``OneHotCategorical``). The site's log-densities (:math:`\\log q`, :math:`\\log p`) are
+    evaluated at the discrete :math:`H(y)` and differentiated only through the parameters.
+
+    :param temperature: :math:`\\tau > 0`, a float, or a callable of the number of draws
+        made so far (a schedule, e.g. ``lambda step: max(0.5, math.exp(-1e-4 * step))``).
+    :param bool hard: straight-through Gumbel.
+
+    Example::
+
+        with handlers.estimator(config={"z": estimators.GumbelSoftmax(0.5, hard=True)}):
+            svi.step(data)
+    """
+
+    def __init__(
+        self,
+        temperature: Union[float, Callable[[int], float]] = 1.0,
+        hard: bool = False,
+        n_samples: int = 1,
+    ) -> None:
+        super().__init__(n_samples)
+        if not callable(temperature) and not float(temperature) > 0:
+            raise ValueError(f"GumbelSoftmax: temperature must be > 0, got {temperature!r}")
+        self.temperature = temperature
+        self.hard = hard
+        self.step = 0
+
+    def current_temperature(self) -> float:
+        """:math:`\\tau` for the next draw."""
+        if callable(self.temperature):
+            tau = float(self.temperature(self.step))
+            if not tau > 0:
+                raise ValueError(f"GumbelSoftmax: the schedule gave temperature {tau}")
+            return tau
+        return float(self.temperature)
+
+    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]):
+        kind, logits = discrete_base(fn)
+        tau = torch.tensor(self.current_temperature(), dtype=logits.dtype, device=logits.device)
+        self.step += 1
+        if kind == "bernoulli":
+            soft = RelaxedBernoulli(tau, logits=logits).rsample(sample_shape)
+            hard = (soft > 0.5).to(soft.dtype)
+        else:
+            soft = RelaxedOneHotCategorical(tau, logits=logits).rsample(sample_shape)
+            hard = _one_hot_argmax(soft)
+        value = _straight_through(hard, soft) if self.hard else soft
+        return value, (kind, hard)
+
+    def __repr__(self) -> str:
+        return f"GumbelSoftmax(temperature={self.temperature!r}, hard={self.hard})"
+
+
+class StraightThrough(_Relaxation):
+    """Straight-through estimator (Bengio, Léonard & Courville 2013): the value is a hard
+    sample :math:`z \\sim q`, the gradient that of its mean (the probabilities):
+    :math:`z + \\pi - \\bot(\\pi)`. Biased, low variance. Categorical sites receive one-hot
+    values, and log-densities are evaluated at the hard sample, as for
+    :class:`GumbelSoftmax`.
+
+    Example::
+
+        b = storch.sample("b", dist.Bernoulli(logits=phi), estimator=estimators.StraightThrough())
+    """
+
+    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]):
+        kind, logits = discrete_base(fn)
+        if kind == "bernoulli":
+            probs = torch.sigmoid(logits)
+            hard = torch.bernoulli(probs.detach().expand(tuple(sample_shape) + probs.shape))
+        else:
+            probs = torch.softmax(logits, -1)
+            hard = OneHotCategorical(probs=probs.detach()).sample(sample_shape)
+        return _straight_through(hard, probs), (kind, hard)
+
+    def __repr__(self) -> str:
+        return "StraightThrough()"
