@@ -1,7 +1,6 @@
 """StorchELBO: a :class:`pyro.infer.ELBO` whose gradient is each site's chosen estimator."""
 
 import math
-import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import pyro
@@ -16,6 +15,7 @@ from storch_pyro.errors import NonFiniteCostError
 from storch_pyro.estimators.base import Estimator
 from storch_pyro.handlers.tracing import NeedsPlateNesting, Run, StorchMessenger
 from storch_pyro.surrogate import expected_cost, raise_if_not_finite, surrogate_loss
+from storch_pyro.validation import PyroChecks
 
 
 class StorchELBO(ELBO):
@@ -169,16 +169,16 @@ class StorchELBO(ELBO):
             None if self.max_plate_nesting == float("inf") else -int(self.max_plate_nesting) - 1
         )
         run = Run(self.default_estimator, first_sample_dim, args, kwargs)
+        checks = PyroChecks(run, is_validation_enabled(), self.max_plate_nesting)
         if guide is None:
-            with StorchMessenger(run, "scg"):
+            with StorchMessenger(run, "scg"), checks.recording("scg"):
                 model(*args, **kwargs)
-            return run
-        with StorchMessenger(run, "guide"):
-            guide(*args, **kwargs)
-        with StorchMessenger(run, "model"):
-            model(*args, **kwargs)
-        if is_validation_enabled():
-            _check_model_guide_match(run)
+        else:
+            with StorchMessenger(run, "guide"), checks.recording("guide"):
+                guide(*args, **kwargs)
+            with StorchMessenger(run, "model"), checks.recording("model"):
+                model(*args, **kwargs)
+        checks.check()
         return run
 
     def _get_trace(self, model, guide, args, kwargs) -> Run:
@@ -228,18 +228,6 @@ def _raise_not_finite(runs) -> None:
         "the loss is not finite although every cost and score is; a baseline or "
         "control variate may have diverged."
     )
-
-
-def _check_model_guide_match(run: Run) -> None:
-    """Pyro's model/guide warnings (as in :func:`pyro.util.check_model_guide_match`)."""
-    if run.model_latents:
-        warnings.warn(f"Found vars in model but not guide: {set(run.model_latents)}")
-    missing = [name for name in run.guide_latents if name not in run.model_names]
-    if missing:
-        warnings.warn(
-            "Found non-auxiliary vars in guide but not model, consider marking these "
-            f"infer={{'is_auxiliary': True}}: {set(missing)}"
-        )
 
 
 __all__ = ["StorchELBO"]

@@ -905,8 +905,20 @@ def test_add_cost_in_model_and_guide_adds_to_neg_elbo():
         storch.add_cost("model_cost", torch.tensor(5.0))
 
     def guide_with_cost():
-        rich_guide()
+        # rich_guide with a cost in its plate "p2" (a plate is entered once per name, as
+        # poutine.trace requires; re-entering it by name raises, as under Trace_ELBO)
+        m = pyro.param("m", torch.tensor(0.1))
+        p = pyro.param("p", torch.tensor(0.6), constraint=constraints.unit_interval)
+        k_logits = pyro.param("k_logits", torch.zeros(3))
+        x_loc = pyro.param("x_loc", torch.zeros(4))
+        pyro.sample("mu", dist.Normal(m, 1.0))
+        pyro.sample("s", dist.Bernoulli(p))
+        with pyro.plate("data", 10, subsample_size=4):
+            pass
         with pyro.plate("p2", 4):
+            with poutine.mask(mask=K_MASK):
+                pyro.sample("k", dist.Categorical(logits=k_logits))
+            pyro.sample("x_unobserved", dist.Normal(x_loc, 1.0))
             storch.add_cost("guide_cost", torch.tensor(0.25))
 
     pyro.set_rng_seed(9)

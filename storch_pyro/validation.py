@@ -1,0 +1,93 @@
+"""Pyro's own model/guide checks, run by :class:`~storch_pyro.StorchELBO` on validated steps.
+
+So that a model and guide written for ``Trace_ELBO`` / ``TraceGraph_ELBO`` fail (or warn) the
+same way under StorchELBO, the guide and model passes of a validated step are also recorded
+as Pyro traces (as ``poutine.trace`` records them) and handed to the checks Pyro's losses run:
+:func:`pyro.util.check_model_guide_match` (sites in one but not the other, auxiliary sites,
+event dims and shapes that disagree, plates in the guide only, ``pyro.factor`` in the guide
+without ``has_rsample``), :func:`pyro.util.check_site_shape` (plate dim collisions, batch
+dims outside any plate, ``max_plate_nesting`` too small) and a warning for guide sites
+annotated for enumeration. Duplicate site names raise as in ``poutine.trace``.
+
+Dims left of ``max_plate_nesting`` are ignored by the shape checks, as Pyro ignores
+enumeration dims there, so the sample dims of multi-sample sites pass.
+"""
+
+import warnings
+from contextlib import nullcontext
+from typing import ContextManager
+
+from pyro.poutine.trace_messenger import TraceMessenger
+from pyro.poutine.trace_struct import Trace
+from pyro.util import check_model_guide_match, check_site_shape
+
+from storch_pyro.handlers.tracing import Run
+
+
+class PyroChecks:
+    """Records a run's guide and model traces when ``enabled`` and checks them.
+
+    Example::
+
+        checks = PyroChecks(run, enabled=is_validation_enabled(), max_plate_nesting=2)
+        with StorchMessenger(run, "guide"), checks.recording("guide"):
+            guide()
+        with StorchMessenger(run, "model"), checks.recording("model"):
+            model()
+        checks.check()
+    """
+
+    def __init__(self, run: Run, enabled: bool, max_plate_nesting: float) -> None:
+        self.run = run
+        self.enabled = enabled
+        self.max_plate_nesting = max_plate_nesting
+        self.traces: dict = {}
+
+    def recording(self, role: str) -> ContextManager:
+        """A context that records the pass of ``role`` (``"guide"``, ``"model"`` or
+        ``"scg"``); enter it inside the :class:`StorchMessenger` of that pass."""
+        if not self.enabled:
+            return nullcontext()
+        tracer = TraceMessenger()
+        self.traces[role] = tracer
+        return tracer
+
+    def check(self) -> None:
+        """Pyro's checks on the recorded traces (nothing when not enabled)."""
+        if not self.enabled:
+            return
+        traces = {role: tracer.trace for role, tracer in self.traces.items()}
+        if "guide" in traces:
+            check_model_guide_match(traces["model"], traces["guide"], self.max_plate_nesting)
+            warn_if_enumerated(traces["guide"])
+        for trace in traces.values():
+            self._check_site_shapes(trace)
+
+    def _check_site_shapes(self, trace: Trace) -> None:
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
+                continue
+            value = self.run.density_values.get(name, site["value"])
+            site["log_prob"] = site["fn"].log_prob(value)
+            check_site_shape(site, self.max_plate_nesting)
+
+
+def warn_if_enumerated(guide_trace: Trace) -> None:
+    """Warns, as ``Trace_ELBO`` does, about guide sites annotated for enumeration: an
+    ``infer={"enumerate": ...}`` annotation is for ``TraceEnum_ELBO``; StorchELBO samples
+    such sites with their estimator."""
+    sites = [
+        name
+        for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample" and site["infer"].get("enumerate")
+    ]
+    if sites:
+        warnings.warn(
+            f"Found sample sites configured for enumeration: {', '.join(sites)}\n"
+            "If you want to enumerate sites, you need to use TraceEnum_ELBO instead, or "
+            "choose estimators.Enumerate() for them under StorchELBO (e.g. with "
+            "storch_pyro.handlers.estimator(config={site: Enumerate()})); StorchELBO ignores "
+            "the annotation and samples them with their estimator.",
+            stacklevel=2,
+        )
+
