@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
+from pyro.distributions import Independent, MaskedDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK, Message
@@ -55,7 +56,6 @@ class Node:
     baseline: Optional[Baseline]
     fn: Any
     state: Any
-    mask: Any
     sample_dim: Optional[int]
     own_frame: Optional[FrameKey]
     weight: Any
@@ -309,8 +309,12 @@ class StorchMessenger(Messenger):
         masked = scale_and_mask(log_prob, 1.0, msg["mask"])
         if pending is not None:
             estimator, baseline, sample_dim, own_frame, state = pending
+            # A mask removes log-density terms from the costs, never the expectation over
+            # the site: the score term and sample weights use the unmasked density (as
+            # Pyro's ScoreParts.scale_and_mask leaves score_function unmasked).
+            unmasked = _unmasked_log_prob(fn, density_value, log_prob)
             if own_frame is not None:
-                weights = estimator.sample_weights(fn, value, log_prob, state)
+                weights = estimator.sample_weights(fn, value, unmasked, state)
                 if weights is not None:
                     run.frame_weights[own_frame] = weights
                     run.frame_plates[own_frame] = frozenset(
@@ -325,10 +329,10 @@ class StorchMessenger(Messenger):
             if estimator.has_score or estimator.has_control_term:
                 score = None
                 if estimator.has_score:
-                    score = estimator.score_term(fn, value, masked, state)
+                    score = estimator.score_term(fn, value, unmasked, state)
                 run.nodes.append(
                     Node(name, score, masked, ordinal, seq, len(run.nodes), estimator,
-                         baseline, fn, state, msg["mask"], sample_dim, own_frame, weight)
+                         baseline, fn, state, sample_dim, own_frame, weight)
                 )
             if self.role == "scg":
                 return
@@ -359,6 +363,23 @@ class StorchMessenger(Messenger):
         self.run.costs.append(
             Cost(name, value, sign, ordinal, seq, len(self.run.nodes), weight)
         )
+
+
+def _unmasked_log_prob(fn, value: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
+    """``log_prob`` of ``fn`` at ``value`` without the masks of any
+    :class:`~pyro.distributions.MaskedDistribution` in ``fn`` (``fn.mask(...)``), reusing
+    ``log_prob`` when ``fn`` has none."""
+    unmasked = _without_masks(fn)
+    return log_prob if unmasked is fn else unmasked.log_prob(value)
+
+
+def _without_masks(fn):
+    if isinstance(fn, MaskedDistribution):
+        return _without_masks(fn.base_dist)
+    if isinstance(fn, Independent):
+        base = _without_masks(fn.base_dist)
+        return fn if base is fn.base_dist else Independent(base, fn.reinterpreted_batch_ndims)
+    return fn
 
 
 def _reduce_to_frames(value: torch.Tensor, stack, run: Run) -> torch.Tensor:
