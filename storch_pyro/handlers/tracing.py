@@ -201,7 +201,7 @@ class StorchMessenger(Messenger):
                 return
         if msg["is_observed"] or msg["done"] or type(msg["fn"]) is _Subsample:
             return
-        estimator, baseline = self._resolve(msg)
+        estimator, baseline = resolve_site(msg, self.run.default_estimator)
         fn = msg["fn"]
         estimator.check(name, fn)
         k = estimator.sample_size(fn)
@@ -224,66 +224,6 @@ class StorchMessenger(Messenger):
         msg["value"], state = estimator.draw(fn, sample_shape)
         msg["done"] = True
         self._pending[name] = (estimator, baseline, sample_dim, own_frame, state)
-
-    def _resolve(self, msg: Message) -> Tuple[Estimator, Optional[Baseline]]:
-        """The site's estimator and baseline, by the precedence rules of
-        :func:`storch_pyro.handlers.estimator` and :func:`storch_pyro.handlers.baseline`."""
-        configs = [h for h in reversed(_PYRO_STACK) if isinstance(h, _SiteConfigMessenger)]
-        for handler in configs:
-            handler.drawn.add(msg["name"])
-        options = msg["infer"].get(INFER_KEY)
-        estimator = options.estimator if options is not None else None
-        baseline = options.baseline if options is not None else None
-        explicit_baseline = baseline is not None
-        if estimator is None:
-            for handler in configs:
-                if type(handler) is EstimatorMessenger:
-                    estimator = handler.lookup(msg)
-                    if estimator is not None:
-                        break
-        if estimator is None:
-            estimator = self.run.default_estimator
-        if estimator is None:
-            estimator = (
-                _DEFAULT_PATHWISE if msg["fn"].has_rsample else _DEFAULT_SCORE_FUNCTION
-            )
-        if baseline is None:
-            baseline = estimator.baseline
-            explicit_baseline = baseline is not None
-        if baseline is None and "baseline" in msg["infer"]:
-            # Like TraceGraph_ELBO, ignore the annotation where there is no score term.
-            baseline = self._annotated_baseline(msg)
-        if baseline is None:
-            for handler in configs:
-                if type(handler) is BaselineMessenger:
-                    baseline = handler.lookup(msg)
-                    if baseline is not None:
-                        explicit_baseline = isinstance(handler.config, dict)
-                        break
-        if baseline is not None:
-            if not estimator.has_score:
-                if explicit_baseline:
-                    raise StorchError(
-                        f"site '{msg['name']}': a baseline applies to score-function terms, "
-                        f"but its estimator {type(estimator).__name__} has none. Remove the "
-                        f"baseline or use e.g. ScoreFunction."
-                    )
-                baseline = None
-            else:
-                baseline.check(msg["name"], estimator.n_samples)
-        return estimator, baseline
-
-    def _annotated_baseline(self, msg: Message) -> Optional[Baseline]:
-        options = msg["infer"]["baseline"]
-        if not options:
-            return None
-        name = msg["name"]
-        # Rebuilt each step: nn_baseline_input and baseline_value change with the data.
-        baseline = _PyroAnnotation(name, dict(options))
-        if not (baseline.use_average or baseline.nn_baseline is not None
-                or baseline.value is not None):
-            return None
-        return baseline
 
     # ---- recording -----------------------------------------------------------------------
     def _pyro_post_sample(self, msg: Message) -> None:
@@ -363,6 +303,69 @@ class StorchMessenger(Messenger):
         self.run.costs.append(
             Cost(name, value, sign, ordinal, seq, len(self.run.nodes), weight)
         )
+
+
+def resolve_site(
+    msg: Message, default_estimator: Optional[Estimator]
+) -> Tuple[Estimator, Optional[Baseline]]:
+    """The site's estimator and baseline, by the precedence rules of
+    :func:`storch_pyro.handlers.estimator` and :func:`storch_pyro.handlers.baseline`."""
+    configs = [h for h in reversed(_PYRO_STACK) if isinstance(h, _SiteConfigMessenger)]
+    for handler in configs:
+        handler.drawn.add(msg["name"])
+    options = msg["infer"].get(INFER_KEY)
+    estimator = options.estimator if options is not None else None
+    baseline = options.baseline if options is not None else None
+    explicit_baseline = baseline is not None
+    if estimator is None:
+        for handler in configs:
+            if type(handler) is EstimatorMessenger:
+                estimator = handler.lookup(msg)
+                if estimator is not None:
+                    break
+    if estimator is None:
+        estimator = default_estimator
+    if estimator is None:
+        estimator = (
+            _DEFAULT_PATHWISE if msg["fn"].has_rsample else _DEFAULT_SCORE_FUNCTION
+        )
+    if baseline is None:
+        baseline = estimator.baseline
+        explicit_baseline = baseline is not None
+    if baseline is None and "baseline" in msg["infer"]:
+        # Like TraceGraph_ELBO, ignore the annotation where there is no score term.
+        baseline = _annotated_baseline(msg)
+    if baseline is None:
+        for handler in configs:
+            if type(handler) is BaselineMessenger:
+                baseline = handler.lookup(msg)
+                if baseline is not None:
+                    explicit_baseline = isinstance(handler.config, dict)
+                    break
+    if baseline is not None:
+        if not estimator.has_score:
+            if explicit_baseline:
+                raise StorchError(
+                    f"site '{msg['name']}': a baseline applies to score-function terms, "
+                    f"but its estimator {type(estimator).__name__} has none. Remove the "
+                    f"baseline or use e.g. ScoreFunction."
+                )
+            baseline = None
+        else:
+            baseline.check(msg["name"], estimator.n_samples)
+    return estimator, baseline
+
+def _annotated_baseline(msg: Message) -> Optional[Baseline]:
+    options = msg["infer"]["baseline"]
+    if not options:
+        return None
+    name = msg["name"]
+    # Rebuilt each step: nn_baseline_input and baseline_value change with the data.
+    baseline = _PyroAnnotation(name, dict(options))
+    if not (baseline.use_average or baseline.nn_baseline is not None
+            or baseline.value is not None):
+        return None
+    return baseline
 
 
 def _unmasked_log_prob(fn, value: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
