@@ -71,7 +71,15 @@ def add_cost(name: str, cost: torch.Tensor) -> None:
         storch.add_cost("f", (a + b) * e ** 2)
     """
     if not isinstance(name, str):
-        raise TypeError(f"add_cost: name must be a str, got {type(name).__name__}")
+        raise TypeError(
+            f"add_cost: name must be a str (the cost's site name), got {type(name).__name__}"
+        )
     if not isinstance(cost, torch.Tensor):
-        cost = torch.as_tensor(cost, dtype=torch.get_default_dtype())
+        try:
+            cost = torch.as_tensor(cost, dtype=torch.get_default_dtype())
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                f"add_cost('{name}'): the cost must be a tensor or a number, got "
+                f"{type(cost).__name__}; compute it with torch from the sampled values"
+            ) from error
     _cost(cost, name=name)

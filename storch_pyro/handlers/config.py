@@ -24,6 +24,7 @@ class _SiteConfigMessenger(Messenger):
 
     _kind = ""
     _type: type = object
+    _example = ""
 
     def __init__(self, config: Union[Dict[str, Any], Callable[[Message], Any]]) -> None:
         super().__init__()
@@ -32,7 +33,7 @@ class _SiteConfigMessenger(Messenger):
                 if not isinstance(name, str):
                     raise TypeError(
                         f"handlers.{self._kind}: config keys must be site names (str), "
-                        f"got {name!r}"
+                        f"got {name!r}; write {{'site_name': ...}}"
                     )
                 self._check_value(name, value)
         elif not callable(config):
@@ -53,7 +54,8 @@ class _SiteConfigMessenger(Messenger):
         if value is not None and not isinstance(value, self._type):
             raise TypeError(
                 f"handlers.{self._kind}: the config for site '{site}' must be a "
-                f"storch_pyro {self._type.__name__}, got {type(value).__name__}"
+                f"storch_pyro {self._type.__name__} instance (e.g. {self._example}), got "
+                f"{type(value).__name__}"
             )
 
     def lookup(self, msg: Message) -> Any:
@@ -100,6 +102,7 @@ class EstimatorMessenger(_SiteConfigMessenger):
 
     _kind = "estimator"
     _type = Estimator
+    _example = "estimators.ScoreFunction()"
 
 
 class BaselineMessenger(_SiteConfigMessenger):
@@ -107,6 +110,7 @@ class BaselineMessenger(_SiteConfigMessenger):
 
     _kind = "baseline"
     _type = Baseline
+    _example = "baselines.MovingAverage()"
 
 
 def estimator(
@@ -133,7 +137,10 @@ def estimator(
             else estimators.ScoreFunction(baseline=baselines.MovingAverage()))
     """
     if config is None:
-        raise TypeError("handlers.estimator: config is required")
+        raise TypeError(
+            "handlers.estimator: config is required: {site_name: Estimator} or a callable "
+            "msg -> Estimator | None"
+        )
     messenger = EstimatorMessenger(config)
     return messenger(fn) if fn is not None else messenger
 
@@ -157,6 +164,9 @@ def baseline(
             svi.step(data)
     """
     if config is None:
-        raise TypeError("handlers.baseline: config is required")
+        raise TypeError(
+            "handlers.baseline: config is required: {site_name: Baseline} or a callable "
+            "msg -> Baseline | None"
+        )
     messenger = BaselineMessenger(config)
     return messenger(fn) if fn is not None else messenger
