@@ -21,6 +21,7 @@ import pyro
 import torch
 
 from storch_pyro.errors import StorchError
+from storch_pyro.param_state import param_store_state
 
 
 @dataclass
@@ -52,17 +53,6 @@ class Baseline:
         :math:`D_z`, shaped like the site's batch shape). Stateful baselines update their
         state here, *after* computing :math:`b`, so :math:`b` never depends on this sample."""
         raise NotImplementedError
-
-
-def _param_store_state(name: str) -> Optional[torch.Tensor]:
-    """The tensor stored under ``name`` in Pyro's param store (unconstrained: baseline
-    state is unconstrained), or ``None``. Updated in place, so it checkpoints with the
-    store."""
-    store = pyro.get_param_store()
-    params = getattr(store, "_params", None)
-    if params is not None:
-        return params.get(name)
-    return store[name] if name in store else None
 
 
 class MovingAverage(Baseline):
@@ -97,7 +87,7 @@ class MovingAverage(Baseline):
 
     def __call__(self, ctx: BaselineContext, downstream_cost: torch.Tensor) -> torch.Tensor:
         name = self.param_name(ctx.site)
-        state = _param_store_state(name)
+        state = param_store_state(name)
         mean_cost = downstream_cost.detach().mean()
         if state is None:
             pyro.get_param_store()[name] = mean_cost.clone()
@@ -171,7 +161,10 @@ class Learned(Baseline):
         name: Optional[str] = None,
     ) -> None:
         if not isinstance(module, torch.nn.Module):
-            raise TypeError(f"Learned: module must be a torch.nn.Module, got {type(module)}")
+            raise TypeError(
+                f"Learned: module must be a torch.nn.Module, got {type(module).__name__}; wrap "
+                f"a function in a torch.nn.Module subclass"
+            )
         self.module = module
         self.input_fn = input_fn
         self.name = name
@@ -207,12 +200,13 @@ class _PyroAnnotation(Baseline):
         unknown = set(options) - self._KEYS
         if unknown:
             raise StorchError(
-                f"site '{site}': unrecognized baseline options {sorted(unknown)}; "
-                f"known: {sorted(self._KEYS)}"
+                f"site '{site}': unrecognized baseline options {sorted(unknown)} in "
+                f"infer={{'baseline': ...}}; use only {sorted(self._KEYS)} (as TraceGraph_ELBO)"
             )
         if options.get("nn_baseline") is not None and options.get("baseline_value") is not None:
             raise StorchError(
-                f"site '{site}': cannot use baseline_value and nn_baseline simultaneously"
+                f"site '{site}': cannot use baseline_value and nn_baseline simultaneously; "
+                f"give one of them"
             )
         self.use_average = bool(options.get("use_decaying_avg_baseline", False))
         self.beta = float(options.get("baseline_beta", 0.90))
@@ -225,11 +219,11 @@ class _PyroAnnotation(Baseline):
         if self.use_average:
             name = "__baseline_avg_downstream_cost_" + ctx.site
             cost = downstream_cost.detach()
-            state = _param_store_state(name)
+            state = param_store_state(name)
             if state is None or state.shape != cost.shape:
                 state = torch.zeros_like(cost)
                 pyro.get_param_store()[name] = state
-                state = _param_store_state(name)
+                state = param_store_state(name)
             baseline = baseline + state.detach().clone()
             with torch.no_grad():
                 state.mul_(self.beta).add_(cost, alpha=1.0 - self.beta)

@@ -14,6 +14,7 @@ from torch.distributions import (
 )
 
 from storch_pyro.estimators.base import Estimator
+from storch_pyro.param_state import param_store_state, set_param_store_state
 
 
 def discrete_base(fn: Distribution) -> Optional[Tuple[str, torch.Tensor]]:
@@ -84,6 +85,11 @@ class GumbelSoftmax(_Relaxation):
     :param temperature: :math:`\\tau > 0`, a float, or a callable of the number of draws
         made so far (a schedule, e.g. ``lambda step: max(0.5, math.exp(-1e-4 * step))``).
     :param bool hard: straight-through Gumbel.
+    :param int n_samples: values drawn per site (a sample dim of that size).
+    :param str name: where a schedule's step counter lives in Pyro's param store
+        (``"<name>.step"``); default ``"storch_pyro.estimator.<first site>"``. It is saved and
+        loaded with ``pyro.get_param_store().save/load``, so a resumed run continues the
+        schedule where it stopped (and ``pyro.clear_param_store()`` restarts it).
 
     Example::
 
@@ -96,27 +102,69 @@ class GumbelSoftmax(_Relaxation):
         temperature: Union[float, Callable[[int], float]] = 1.0,
         hard: bool = False,
         n_samples: int = 1,
+        name: Optional[str] = None,
     ) -> None:
         super().__init__(n_samples)
         if not callable(temperature) and not float(temperature) > 0:
             raise ValueError(f"GumbelSoftmax: temperature must be > 0, got {temperature!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"GumbelSoftmax: name must be a str, got {type(name).__name__}")
         self.temperature = temperature
         self.hard = hard
-        self.step = 0
+        self.name = name
+        self._site = "?"
+        self._unnamed_step = 0  # draws made before any site named the estimator
+
+    def check(self, site: str, fn: Distribution) -> None:
+        super().check(site, fn)
+        self._site = site
+        if self.name is None:
+            self.name = f"storch_pyro.estimator.{site}"
+
+    @property
+    def step_param_name(self) -> Optional[str]:
+        """The param-store name of the schedule's step counter."""
+        return None if self.name is None else f"{self.name}.step"
+
+    @property
+    def step(self) -> int:
+        """Draws made so far: the argument of a temperature schedule."""
+        if self.name is None:
+            return self._unnamed_step
+        state = param_store_state(self.step_param_name)
+        return 0 if state is None else int(state.item())
+
+    def _advance(self) -> None:
+        if not callable(self.temperature):
+            return
+        if self.name is None:
+            self._unnamed_step += 1
+            return
+        state = param_store_state(self.step_param_name)
+        if state is None:
+            set_param_store_state(self.step_param_name, torch.ones((), dtype=torch.float64))
+        else:
+            with torch.no_grad():
+                state.add_(1.0)
 
     def current_temperature(self) -> float:
         """:math:`\\tau` for the next draw."""
         if callable(self.temperature):
-            tau = float(self.temperature(self.step))
+            step = self.step
+            tau = float(self.temperature(step))
             if not tau > 0:
-                raise ValueError(f"GumbelSoftmax: the schedule gave temperature {tau}")
+                raise ValueError(
+                    f"site '{self._site}': the GumbelSoftmax temperature schedule gave "
+                    f"temperature {tau} at step {step}; make it return a value > 0 at every "
+                    f"step (e.g. max(0.1, ...))"
+                )
             return tau
         return float(self.temperature)
 
     def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]):
         kind, logits = discrete_base(fn)
         tau = torch.tensor(self.current_temperature(), dtype=logits.dtype, device=logits.device)
-        self.step += 1
+        self._advance()
         if kind == "bernoulli":
             soft = RelaxedBernoulli(tau, logits=logits).rsample(sample_shape)
             hard = (soft > 0.5).to(soft.dtype)
@@ -127,7 +175,10 @@ class GumbelSoftmax(_Relaxation):
         return value, (kind, hard)
 
     def __repr__(self) -> str:
-        return f"GumbelSoftmax(temperature={self.temperature!r}, hard={self.hard})"
+        return (
+            f"GumbelSoftmax(temperature={self.temperature!r}, hard={self.hard}, "
+            f"n_samples={self.n_samples})"
+        )
 
 
 class StraightThrough(_Relaxation):
