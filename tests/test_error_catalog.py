@@ -1,0 +1,386 @@
+"""The bad-input catalogue, ``docs/errors.rst``, is true: every user error it lists is raised
+(or warned) with the documented type and message, the message names the site (or the
+argument) and the remedy, and every entry of the catalogue is tested here (and vice versa).
+
+``tests/test_errors.py`` tests the same errors from more angles (several ways to reach
+each); this file checks the catalogue and the shape of every message. Errors found by
+Pyro's own model/guide checks are catalogued as one entry and tested pair by pair in
+``tests/test_dropin.py``.
+"""
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Type
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import storch_pyro as storch
+from storch_pyro import baselines, estimators, handlers
+from storch_pyro.errors import (
+    NonFiniteCostError,
+    StorchError,
+    UnsupportedDistributionError,
+    UnusedConfigWarning,
+)
+
+CATALOGUE = Path(__file__).resolve().parent.parent / "docs" / "errors.rst"
+
+
+@dataclass
+class Entry:
+    """A catalogued error: how to trigger it, what it raises (or warns), what the message
+    must name (the site, or the argument where there is no site yet) and the remedy."""
+
+    trigger: Callable[[], None]
+    error: Type[BaseException]
+    names: str
+    remedy: str
+    warning: bool = False
+
+
+def _elbo_step(model, guide=None, **kwargs):
+    storch.StorchELBO(**kwargs).loss_and_grads(model, guide)
+
+
+# ---- triggers ---------------------------------------------------------------------------
+
+
+def _unsupported_distribution():
+    def model():
+        p = pyro.param("p", torch.tensor(0.3))
+        b = storch.sample("coin", dist.Bernoulli(p), estimator=estimators.Pathwise())
+        storch.add_cost("c", b)
+
+    _elbo_step(model)
+
+
+def _sum_and_sample_too_large():
+    def model():
+        logits = pyro.param("logits", torch.zeros(3))
+        estimator = estimators.SumAndSample(4)
+        z = storch.sample("k", dist.Categorical(logits=logits), estimator=estimator)
+        storch.add_cost("c", z.float())
+
+    _elbo_step(model)
+
+
+def _unused_config():
+    def model():
+        z = pyro.sample("z", dist.Bernoulli(pyro.param("p", torch.tensor(0.3))))
+        storch.add_cost("c", z)
+
+    with handlers.estimator(config={"zz": estimators.ScoreFunction()}):
+        _elbo_step(model)
+
+
+def _sample_estimator_type():
+    storch.sample("z", dist.Normal(0.0, 1.0), estimator="score_function")
+
+
+def _sample_baseline_type():
+    storch.sample("z", dist.Normal(0.0, 1.0), baseline="moving_average")
+
+
+def _config_value_type():
+    handlers.estimator(config={"z": "score_function"})
+
+
+def _config_key_type():
+    handlers.baseline(config={("z",): baselines.MovingAverage()})
+
+
+def _config_type():
+    handlers.estimator(config=[("z", estimators.ScoreFunction())])
+
+
+def _callable_config_returns_wrong_type():
+    def model():
+        z = pyro.sample("z", dist.Bernoulli(pyro.param("p", torch.tensor(0.3))))
+        storch.add_cost("c", z)
+
+    with handlers.estimator(config=lambda msg: "score_function"):
+        _elbo_step(model)
+
+
+def _default_estimator_type():
+    storch.StorchELBO(default_estimator=estimators.ScoreFunction)
+
+
+def _leave_one_out_one_sample():
+    def model():
+        z = storch.sample(
+            "z",
+            dist.Bernoulli(pyro.param("p", torch.tensor(0.3))),
+            estimator=estimators.ScoreFunction(baseline=baselines.LeaveOneOut()),
+        )
+        storch.add_cost("c", z)
+
+    _elbo_step(model)
+
+
+def _baseline_without_score_term():
+    def model():
+        z = storch.sample(
+            "z",
+            dist.Normal(pyro.param("loc", torch.tensor(0.0)), 1.0),
+            baseline=baselines.MovingAverage(),
+        )
+        storch.add_cost("c", z**2)
+
+    _elbo_step(model)
+
+
+class _PerPointColumn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.linear(x)  # (5, 1): one column too many for the site's shape (5,)
+
+
+def _baseline_shape():
+    def model(x):
+        with pyro.plate("data", 5):
+            z = storch.sample(
+                "z",
+                dist.Bernoulli(pyro.param("p", torch.tensor(0.3))),
+                estimator=estimators.ScoreFunction(),
+                baseline=baselines.Learned(_PerPointColumn()),
+            )
+            storch.add_cost("c", z)
+
+    storch.StorchELBO().loss_and_grads(model, None, torch.randn(5, 2))
+
+
+def _non_finite_cost():
+    def model():
+        z = pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.0)), 1.0))
+        storch.add_cost("ratio", z / torch.tensor(0.0))
+
+    _elbo_step(model)
+
+
+def _sample_dim_collision():
+    def model():
+        z = storch.sample(
+            "z",
+            dist.Normal(pyro.param("loc", torch.zeros(3)), 1.0),
+            estimator=estimators.ScoreFunction(n_samples=2),
+        )
+        storch.add_cost("c", z.sum())
+
+    with pyro.validation_enabled(False):  # with validation, Pyro's shape check comes first
+        _elbo_step(model, max_plate_nesting=0)
+
+
+def _too_many_batch_dims():
+    def model():
+        with pyro.plate("p", 3):
+            z = storch.sample(
+                "z",
+                dist.Normal(pyro.param("loc", torch.zeros(1, 1, 3)), 1.0),
+                estimator=estimators.ScoreFunction(n_samples=2),
+            )
+        storch.add_cost("c", z.sum())
+
+    _elbo_step(model, max_plate_nesting=1)
+
+
+def _enumerated_cost_outside_plate():
+    def model():
+        with pyro.plate("p", 3):
+            z = storch.sample(
+                "z",
+                dist.Bernoulli(pyro.param("p_z", torch.full((3,), 0.3))),
+                estimator=estimators.Enumerate(),
+            )
+        storch.add_cost("total", z.sum(-1, keepdim=True))
+
+    _elbo_step(model)
+
+
+def _pyro_baseline_option():
+    def model():
+        pyro.sample("z", dist.Bernoulli(0.5))
+
+    def guide():
+        p = pyro.param("p", torch.tensor(0.5))
+        pyro.sample("z", dist.Bernoulli(p), infer={"baseline": {"use_decaying_avg": True}})
+
+    _elbo_step(model, guide)
+
+
+def _pyro_baseline_value_and_nn():
+    def model():
+        pyro.sample("z", dist.Bernoulli(0.5))
+
+    def guide():
+        p = pyro.param("p", torch.tensor(0.5))
+        options = {"nn_baseline": torch.nn.Linear(1, 1), "nn_baseline_input": torch.ones(1),
+                   "baseline_value": torch.tensor(0.1)}
+        pyro.sample("z", dist.Bernoulli(p), infer={"baseline": options})
+
+    _elbo_step(model, guide)
+
+
+def _add_cost_name_type():
+    storch.add_cost(("c",), torch.tensor(1.0))
+
+
+def _add_cost_value_type():
+    storch.add_cost("c", "expensive")
+
+
+def _temperature_schedule():
+    estimator = estimators.GumbelSoftmax(lambda step: 1.0 - step)
+
+    def model():
+        logits = pyro.param("logits", torch.zeros(3))
+        z = storch.sample("z", dist.OneHotCategorical(logits=logits), estimator=estimator)
+        storch.add_cost("c", z[..., 0])
+
+    _elbo_step(model)
+    _elbo_step(model)
+
+
+def _constructor_argument():
+    estimators.ScoreFunction(n_samples=0)
+
+
+def _pyro_model_guide_check():
+    def model():
+        z = pyro.sample("z", dist.Normal(torch.zeros(3), 1.0))  # a batch dim without a plate
+        pyro.sample("x", dist.Normal(z.sum(), 1.0), obs=torch.tensor(0.5))
+
+    def guide():
+        pyro.sample("z", dist.Normal(pyro.param("loc", torch.zeros(3)), 1.0))
+
+    _elbo_step(model, guide)
+
+
+ENTRIES = {
+    "unsupported-distribution": Entry(
+        _unsupported_distribution, UnsupportedDistributionError, "'coin'",
+        "Choose one with storch_pyro.sample(..., estimator=...)",
+    ),
+    "sum-and-sample-k": Entry(
+        _sum_and_sample_too_large, UnsupportedDistributionError, "'k'", "use k <= 3"
+    ),
+    "unused-config": Entry(
+        _unused_config, UnusedConfigWarning, "['zz']", "check the spelling", warning=True
+    ),
+    "sample-estimator-type": Entry(
+        _sample_estimator_type, TypeError, "'z'", "(e.g. estimators.ScoreFunction())"
+    ),
+    "sample-baseline-type": Entry(
+        _sample_baseline_type, TypeError, "'z'", "(e.g. baselines.MovingAverage())"
+    ),
+    "config-value-type": Entry(
+        _config_value_type, TypeError, "'z'", "(e.g. estimators.ScoreFunction())"
+    ),
+    "config-key-type": Entry(_config_key_type, TypeError, "('z',)", "write {'site_name': ...}"),
+    "config-type": Entry(_config_type, TypeError, "config", "must be a dict"),
+    "callable-config-value-type": Entry(
+        _callable_config_returns_wrong_type, TypeError, "'z'",
+        "(e.g. estimators.ScoreFunction())",
+    ),
+    "default-estimator-type": Entry(
+        _default_estimator_type, TypeError, "default_estimator", "must be a storch_pyro Estimator"
+    ),
+    "leave-one-out-one-sample": Entry(
+        _leave_one_out_one_sample, StorchError, "'z'", "with k >= 2"
+    ),
+    "baseline-without-score": Entry(
+        _baseline_without_score_term, StorchError, "'z'", "Remove the baseline"
+    ),
+    "baseline-shape": Entry(_baseline_shape, StorchError, "'z'", "squeeze a trailing dim"),
+    "non-finite-cost": Entry(
+        _non_finite_cost, NonFiniteCostError, "'ratio'", "Check the parameters and data"
+    ),
+    "sample-dim-collision": Entry(
+        _sample_dim_collision, StorchError, "'z'", "Declare batch dims with pyro.plate"
+    ),
+    "too-many-batch-dims": Entry(
+        _too_many_batch_dims, StorchError, "'z'", "squeeze its leading dims of size 1"
+    ),
+    "enumerated-cost-outside-plate": Entry(
+        _enumerated_cost_outside_plate, StorchError, "'total'", "Move 'total' inside them"
+    ),
+    "pyro-baseline-option": Entry(
+        _pyro_baseline_option, StorchError, "'z'", "use only ['baseline_beta'"
+    ),
+    "pyro-baseline-value-and-nn": Entry(
+        _pyro_baseline_value_and_nn, StorchError, "'z'", "give one of them"
+    ),
+    "add-cost-name-type": Entry(_add_cost_name_type, TypeError, "name", "must be a str"),
+    "add-cost-value-type": Entry(
+        _add_cost_value_type, TypeError, "'c'", "compute it with torch"
+    ),
+    "temperature-schedule": Entry(
+        _temperature_schedule, ValueError, "'z'", "make it return a value > 0"
+    ),
+    "constructor-argument": Entry(
+        _constructor_argument, ValueError, "n_samples", "must be a positive int"
+    ),
+    "pyro-model-guide-checks": Entry(
+        _pyro_model_guide_check, ValueError, '"z"', "enclose the batched tensor in a"
+    ),
+}
+
+
+def _raise(entry: Entry) -> BaseException:
+    if entry.warning:
+        with pytest.warns(entry.error) as record:
+            entry.trigger()
+        return record[0].message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(entry.error) as info:
+            entry.trigger()
+    return info.value
+
+
+@pytest.mark.parametrize("key", list(ENTRIES))
+def test_error_type_and_message_names_site_and_remedy(key):
+    entry = ENTRIES[key]
+    message = str(_raise(entry))
+    assert entry.names in message, message
+    assert entry.remedy in message, message
+
+
+def _documented() -> dict:
+    """``{key: (type name, message)}`` from the catalogue's ``.. _error-<key>:`` sections."""
+    text = CATALOGUE.read_text()
+    sections = re.split(r"^\.\. _error-", text, flags=re.M)[1:]
+    documented = {}
+    for section in sections:
+        key = section.split(":", 1)[0]
+        kind = re.search(r"^:(?:exception|warning): ``([\w.]+)``", section, flags=re.M)
+        block = re.search(r"\.\. code-block:: text\n\n((?:   .*\n|\n)+)", section)
+        documented[key] = (
+            kind.group(1) if kind else None,
+            " ".join(block.group(1).split()) if block else None,
+        )
+    return documented
+
+
+def test_catalogue_lists_exactly_the_tested_errors():
+    assert sorted(_documented()) == sorted(ENTRIES)
+
+
+@pytest.mark.parametrize("key", list(ENTRIES))
+def test_catalogue_shows_the_real_type_and_message(key):
+    entry = ENTRIES[key]
+    kind, documented = _documented()[key]
+    error = _raise(entry)
+    assert kind is not None and kind.split(".")[-1] == entry.error.__name__
+    assert isinstance(error, entry.error)
+    # "<...>" in the catalogue stands for any text (e.g. the list of registered estimators)
+    pattern = ".*".join(re.escape(part) for part in documented.split("<...>"))
+    assert re.fullmatch(pattern, " ".join(str(error).split())), (documented, str(error))
