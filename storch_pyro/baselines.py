@@ -141,7 +141,9 @@ class Learned(Baseline):
     ``input_fn(*args, **kwargs)`` when given. Its output must broadcast to the site's batch
     shape (plates, and sample dims if any). :math:`\\psi` is registered with ``pyro.module``
     under ``name`` (default ``"storch_pyro.baseline.<first site>"``), so ``SVI``'s optimizer
-    trains it, by the gradient of :math:`\\sum (b_\\psi(x) - \\bot(D_z))^2`.
+    trains it, by the gradient of :math:`\\sum (b_\\psi(x) - \\bot(D_z))^2`; after
+    ``pyro.get_param_store().load`` the module computes with the loaded values (checkpoint and
+    resume).
 
     :param torch.nn.Module module: the network :math:`b_\\psi`.
     :param callable input_fn: optional map from the model/guide arguments to the input.
@@ -172,7 +174,9 @@ class Learned(Baseline):
     def __call__(self, ctx: BaselineContext, downstream_cost: torch.Tensor) -> torch.Tensor:
         if self.name is None:
             self.name = f"storch_pyro.baseline.{ctx.site}"
-        module = pyro.module(self.name, self.module)
+        # update_module_params: after pyro.get_param_store().load, the module must compute
+        # with the loaded (and optimized) tensors, not its own initial ones.
+        module = pyro.module(self.name, self.module, update_module_params=True)
         args = tuple(_detach(a) for a in ctx.args)
         kwargs = {k: _detach(v) for k, v in ctx.kwargs.items()}
         if self.input_fn is not None:
