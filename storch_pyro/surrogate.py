@@ -125,7 +125,7 @@ def expected_cost(run: Run) -> torch.Tensor:
     total = None
     for cost in run.costs:
         total = _add(total, cost.value if cost.sign > 0 else -cost.value, cost.weight)
-    return torch.zeros(()) if total is None else total
+    return _zero(run) if total is None else total
 
 
 def surrogate_loss(run: Run) -> torch.Tensor:
@@ -144,7 +144,14 @@ def surrogate_loss(run: Run) -> torch.Tensor:
         if node.estimator.has_control_term:
             upstream_weight = run.weight_of(node.ordinal - {node.own_frame})
             total = _add(total, _control_term(run, node, groups, prefix, boxes), upstream_weight)
-    return torch.zeros(()) if total is None else total
+    return _zero(run) if total is None else total
+
+
+def _zero(run: Run) -> torch.Tensor:
+    """The loss of a run without costs: zero, on the device and dtype of its sites."""
+    for node in run.nodes:
+        return node.log_prob.new_zeros(())
+    return torch.zeros(())
 
 
 def _control_term(run: Run, node: Node, groups: List[_Group], prefix, boxes) -> torch.Tensor:
