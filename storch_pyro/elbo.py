@@ -20,7 +20,7 @@ from storch_pyro.handlers.tracing import (
     resolve_site,
 )
 from storch_pyro.surrogate import expected_cost, raise_if_not_finite, surrogate_loss
-from storch_pyro.validation import PyroChecks
+from storch_pyro.validation import PyroChecks, check_guide_supported
 
 
 class StorchELBO(ELBO):
@@ -150,6 +150,7 @@ class StorchELBO(ELBO):
 
     def _runs(self, model, guide, args, kwargs) -> Iterator[Run]:
         """One :class:`Run` per particle (a single one when vectorized)."""
+        check_guide_supported(guide)
         if self.vectorize_particles and self.num_particles > 1:
             if self.max_plate_nesting == float("inf"):
                 self._guess_max_plate_nesting(model, guide, args, kwargs)

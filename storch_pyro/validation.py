@@ -15,8 +15,10 @@ enumeration dims there, so the sample dims of multi-sample sites pass.
 
 import warnings
 from contextlib import nullcontext
-from typing import ContextManager
+from typing import Callable, ContextManager, Optional
 
+from pyro import poutine
+from pyro.poutine.guide import GuideMessenger
 from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.trace_struct import Trace
 from pyro.util import check_model_guide_match, check_site_shape
@@ -70,6 +72,22 @@ class PyroChecks:
             value = self.run.density_values.get(name, site["value"])
             site["log_prob"] = site["fn"].log_prob(value)
             check_site_shape(site, self.max_plate_nesting)
+
+
+def check_guide_supported(guide: Optional[Callable]) -> None:
+    """Raises ``NotImplementedError`` for a guide that is a
+    :class:`~pyro.infer.autoguide.guides.GuideMessenger` (``AutoNormalMessenger``, ...):
+    such a guide samples inside the model's execution, while StorchELBO runs the guide, then
+    the model."""
+    if guide is None:
+        return
+    unwrapped = poutine.unwrap(guide)
+    if isinstance(unwrapped, GuideMessenger):
+        raise NotImplementedError(
+            f"StorchELBO: the guide {type(unwrapped).__name__} is a GuideMessenger, which "
+            f"samples inside the model; StorchELBO needs a guide it can run before the "
+            f"model. Use a callable guide, e.g. AutoNormal instead of AutoNormalMessenger."
+        )
 
 
 def warn_if_enumerated(guide_trace: Trace) -> None:
