@@ -748,3 +748,59 @@ def test_nan_loss_raises_where_pyro_warns():
         pyro.clear_param_store()
         with pytest.raises(NonFiniteCostError, match="broken"):
             storch.StorchELBO().loss_and_grads(nan_model, normal_guide)
+
+
+def test_guide_messenger_raises_where_pyro_accepts_it():
+    """GuideMessenger guides (AutoNormalMessenger, ...) sample inside the model; StorchELBO
+    runs the guide before the model and says so instead of failing obscurely."""
+    from pyro.infer.autoguide import AutoNormalMessenger
+
+    guide = AutoNormalMessenger(normal_model)
+    Trace_ELBO().loss(normal_model, guide)
+    with pytest.raises(NotImplementedError, match="AutoNormal instead of AutoNormalMessenger"):
+        storch.StorchELBO().loss(normal_model, guide)
+
+
+# ---- other ways Pyro users drive a loss -------------------------------------------------
+
+
+def test_elbo_module_with_a_torch_optimizer():
+    """``elbo(model, guide)`` gives Pyro's ELBOModule: a torch module whose call is the
+    differentiable loss and whose parameters are the param store's."""
+    values = {}
+    for loss_cls in (Trace_ELBO, storch.StorchELBO):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        module = loss_cls()(local_model, AutoNormal(local_model))
+        pyro.set_rng_seed(1)
+        loss = module(DATA)
+        optimizer = torch.optim.Adam(module.parameters(), lr=0.01)
+        loss.backward()
+        optimizer.step()
+        values[loss_cls.__name__] = float(loss.detach())
+        assert len(list(module.parameters())) == 4  # AutoNormal: loc and scale of mu and z
+    assert values["StorchELBO"] == pytest.approx(values["Trace_ELBO"], rel=1e-5)
+
+
+class _PyroModuleModel(pyro.nn.PyroModule):
+    def __init__(self):
+        super().__init__()
+        self.prior_loc = pyro.nn.PyroParam(torch.tensor(0.2))
+        self.mu = pyro.nn.PyroSample(lambda self: dist.Normal(self.prior_loc, 1.0))
+
+    def forward(self, data=DATA):
+        mu = self.mu
+        with pyro.plate("data", len(data)):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=data)
+
+
+def test_pyro_module_model_trains_like_under_trace_elbo():
+    losses = {}
+    for loss_cls in (Trace_ELBO, storch.StorchELBO):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model = _PyroModuleModel()
+        svi = pyro.infer.SVI(model, AutoNormal(model), pyro.optim.Adam({"lr": 0.05}), loss_cls())
+        losses[loss_cls.__name__] = [svi.step() for _ in range(3)]
+        losses[loss_cls.__name__].append(float(model.prior_loc.detach()))
+    assert losses["StorchELBO"] == pytest.approx(losses["Trace_ELBO"], rel=1e-5)

@@ -264,6 +264,15 @@ def _pyro_model_guide_check():
     _elbo_step(model, guide)
 
 
+def _guide_messenger():
+    from pyro.infer.autoguide import AutoNormalMessenger
+
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    _elbo_step(model, AutoNormalMessenger(model))
+
+
 ENTRIES = {
     "unsupported-distribution": Entry(
         _unsupported_distribution, UnsupportedDistributionError, "'coin'",
@@ -327,6 +336,9 @@ ENTRIES = {
     ),
     "constructor-argument": Entry(
         _constructor_argument, ValueError, "n_samples", "must be a positive int"
+    ),
+    "guide-messenger": Entry(
+        _guide_messenger, NotImplementedError, "AutoNormalMessenger", "Use a callable guide"
     ),
     "pyro-model-guide-checks": Entry(
         _pyro_model_guide_check, ValueError, '"z"', "enclose the batched tensor in a"
