@@ -26,6 +26,7 @@ from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoNormal
+from pyro.infer.reparam import LocScaleReparam
 
 import storch_pyro as storch
 from storch_pyro.errors import NonFiniteCostError
@@ -315,6 +316,44 @@ def conditioned_guide(data=DATA):
         pyro.sample("z", dist.Normal(z_loc, 0.8))
 
 
+def subsample_indices_model(data=DATA):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(data), subsample=torch.tensor([1, 4, 7])) as idx:
+        z = pyro.sample("z", dist.Normal(mu, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=data[idx])
+
+
+def subsample_indices_guide(data=DATA):
+    m = pyro.param("m", torch.tensor(0.1))
+    z_loc = pyro.param("z_loc", torch.zeros(len(data)))
+    pyro.sample("mu", dist.Normal(m, 1.0))
+    with pyro.plate("data", len(data), subsample=torch.tensor([1, 4, 7])) as idx:
+        pyro.sample("z", dist.Normal(z_loc[idx], 0.8))
+
+
+def _hierarchical_model(data=DATA):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("data", len(data)):
+        z = pyro.sample("z", dist.Normal(mu, s))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=data)
+
+
+reparam_model = poutine.reparam(_hierarchical_model, config={"z": LocScaleReparam(0.0)})
+
+
+def block_model(data=DATA):
+    with poutine.block(hide=["hidden"]):
+        hidden = pyro.sample("hidden", dist.Normal(0.0, 1.0))
+    mu = pyro.sample("mu", dist.Normal(hidden, 1.0))
+    with pyro.plate("data", len(data)):
+        pyro.sample("x", dist.Normal(mu, 1.0), obs=data)
+
+
+def block_guide(data=DATA):
+    pyro.sample("mu", dist.Normal(pyro.param("m", torch.tensor(0.1)), 1.0))
+
+
 def _autoguide(cls, model):
     guides = {}
 
@@ -349,6 +388,17 @@ VALID = {
     "auto_normal": Case(local_model, "AutoNormal", reparameterized=True),
     "auto_diagonal_normal": Case(nested_model, "AutoDiagonalNormal", reparameterized=True),
     "auto_delta": Case(local_model, "AutoDelta", reparameterized=True),
+    "subsample_indices": Case(
+        subsample_indices_model, subsample_indices_guide, reparameterized=True
+    ),
+    "loc_scale_reparam": Case(reparam_model, "AutoNormal", reparameterized=True),
+    "poutine_block": Case(block_model, block_guide, reparameterized=True),
+    "sequential_plate_vectorized_particles": Case(
+        sequential_model,
+        sequential_guide,
+        elbo=dict(num_particles=3, vectorize_particles=True),
+        reparameterized=True,
+    ),
     "discrete": Case(discrete_model, discrete_guide),
     "mixed_subsample": Case(mixed_model, mixed_guide),
     "particles": Case(local_model, local_guide, elbo=dict(num_particles=3), reparameterized=True),
