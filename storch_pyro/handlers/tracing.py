@@ -109,11 +109,23 @@ class Run:
         structure between steps."""
         return tuple(cost.name for cost in self.costs) + tuple(n.name for n in self.nodes)
 
-    def check_batch_shape(self, site: str, batch_shape: torch.Size, n_samples: int) -> None:
+    def check_batch_shape(
+        self, site: str, batch_shape: torch.Size, n_samples: int, stack=()
+    ) -> None:
         """Dims of a site left of ``max_plate_nesting`` must be earlier sites' sample dims:
-        anything else would silently mix with them."""
+        anything else (a plate in ``stack``, an undeclared batch dim) would silently mix
+        with them."""
         if self.max_plate_nesting is None:
             return
+        for frame in stack:
+            if frame.dim is not None and -frame.dim > self.max_plate_nesting:
+                raise StorchError(
+                    f"site '{site}': plate '{frame.name}' is at dim {frame.dim}, left of "
+                    f"max_plate_nesting={self.max_plate_nesting}, where sample dims of "
+                    f"multi-sample sites go (plate stack overflow). Raise "
+                    f"StorchELBO(max_plate_nesting=...) to at least {-frame.dim}, or leave "
+                    f"it out to have it guessed."
+                )
         sizes = {dim: size for dim, size, _ in self.sample_frames}
         for dim in range(-len(batch_shape), -self.max_plate_nesting):
             size = batch_shape[dim]
@@ -209,7 +221,9 @@ class StorchMessenger(Messenger):
         own_frame = None
         sample_shape: Tuple[int, ...] = ()
         if k > 1 or self.run.sample_frames:
-            self.run.check_batch_shape(name, fn.batch_shape, estimator.n_samples)
+            self.run.check_batch_shape(
+                name, fn.batch_shape, estimator.n_samples, msg["cond_indep_stack"]
+            )
         if k > 1:
             sample_dim, own_frame = self.run.allocate_sample_dim(name, k)
             batch_rank = len(fn.batch_shape)
