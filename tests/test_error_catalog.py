@@ -179,6 +179,19 @@ def _sample_dim_collision():
         _elbo_step(model, max_plate_nesting=0)
 
 
+def _plate_beyond_nesting():
+    def model():
+        with pyro.plate("rows", 2, dim=-2), pyro.plate("cols", 3, dim=-1):
+            z = storch.sample(
+                "z",
+                dist.Bernoulli(pyro.param("p", torch.tensor(0.3))),
+                estimator=estimators.ScoreFunction(n_samples=4),
+            )
+            storch.add_cost("c", z)
+
+    _elbo_step(model, max_plate_nesting=1)
+
+
 def _too_many_batch_dims():
     def model():
         with pyro.plate("p", 3):
@@ -314,6 +327,9 @@ ENTRIES = {
     ),
     "sample-dim-collision": Entry(
         _sample_dim_collision, StorchError, "'z'", "Declare batch dims with pyro.plate"
+    ),
+    "plate-beyond-nesting": Entry(
+        _plate_beyond_nesting, StorchError, "'z'", "to at least 2"
     ),
     "too-many-batch-dims": Entry(
         _too_many_batch_dims, StorchError, "'z'", "squeeze its leading dims of size 1"
