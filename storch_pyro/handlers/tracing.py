@@ -306,6 +306,7 @@ class StorchMessenger(Messenger):
                 f"add_cost('{msg['name']}'): the cost must be a tensor, got {type(value)}"
             )
         stack = msg["cond_indep_stack"]
+        _check_cost_shape(msg["name"], value, stack)
         value = scale_and_mask(value, 1.0, msg["mask"])
         ordinal, seq, weight = self.run.frames_of(value, stack, msg["name"])
         self._add_cost(msg["name"], value, msg["scale"], 1.0, ordinal, seq, weight, stack)
@@ -397,6 +398,20 @@ def _without_masks(fn):
         base = _without_masks(fn.base_dist)
         return fn if base is fn.base_dist else Independent(base, fn.reinterpreted_batch_ndims)
     return fn
+
+
+def _check_cost_shape(name: str, value: torch.Tensor, stack) -> None:
+    """An ``add_cost`` cost must have size 1 or the plate's size at each enclosing plate's
+    dim (as a log-density must: Pyro's ``check_site_shape``)."""
+    for frame in stack:
+        dim = frame.dim
+        if dim is not None and value.dim() >= -dim and value.shape[dim] not in (1, frame.size):
+            raise StorchError(
+                f"cost '{name}': its shape {tuple(value.shape)} has size {value.shape[dim]} at "
+                f"dim {dim}, where plate '{frame.name}' has size {frame.size}. Compute the cost "
+                f"per element of the plate (size {frame.size} or 1 at dim {dim}), or move "
+                f"add_cost out of the plate."
+            )
 
 
 def _reduce_to_frames(value: torch.Tensor, stack, run: Run) -> torch.Tensor:
