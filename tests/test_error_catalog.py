@@ -250,6 +250,14 @@ def _add_cost_value_type():
     storch.add_cost("c", "expensive")
 
 
+def _add_cost_plate_shape():
+    def model():
+        with pyro.plate("data", 3):
+            storch.add_cost("fit", torch.ones(5))
+
+    _elbo_step(model)
+
+
 def _temperature_schedule():
     estimator = estimators.GumbelSoftmax(lambda step: 1.0 - step)
 
@@ -346,6 +354,9 @@ ENTRIES = {
     "add-cost-name-type": Entry(_add_cost_name_type, TypeError, "name", "must be a str"),
     "add-cost-value-type": Entry(
         _add_cost_value_type, TypeError, "'c'", "compute it with torch"
+    ),
+    "add-cost-plate-shape": Entry(
+        _add_cost_plate_shape, StorchError, "'fit'", "Compute the cost per element of the plate"
     ),
     "temperature-schedule": Entry(
         _temperature_schedule, ValueError, "'z'", "make it return a value > 0"
