@@ -232,6 +232,14 @@ def _baseline_term(
 def raise_if_not_finite(run: Run) -> None:
     """Raises :class:`NonFiniteCostError` naming the first site of ``run`` whose cost or
     score is not finite; returns if there is none."""
+    for node in run.nodes:
+        weight = run.frame_weights.get(node.own_frame)
+        if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight).all()):
+            raise NonFiniteCostError(
+                f"the sample weights of site '{node.name}' ({node.estimator!r}) are not "
+                f"finite: it drew values of probability zero, e.g. n_samples larger than the "
+                f"number of categories with positive probability. Lower n_samples there."
+            )
     for cost in run.costs:
         if not bool(torch.isfinite(cost.value).all()):
             raise NonFiniteCostError(

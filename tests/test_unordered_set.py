@@ -16,7 +16,7 @@ import torch
 import storch_pyro as storch
 from storch_pyro import baselines, estimators, handlers
 from storch_pyro.diagnostics import flat_grad, gradient_stats
-from storch_pyro.errors import StorchError, UnsupportedDistributionError
+from storch_pyro.errors import NonFiniteCostError, StorchError, UnsupportedDistributionError
 from tests.test_enumeration import (
     F64,
     _leaf,
@@ -393,3 +393,18 @@ def test_costs_that_do_not_depend_on_the_set_get_no_score_gradient():
             torch.testing.assert_close(grads[0], exact, rtol=1e-9, atol=1e-9)
         # "after" adds its direct gradient and nothing else, in every draw
         torch.testing.assert_close(grads[0] - grads[1], direct, rtol=1e-9, atol=1e-9)
+
+
+def test_more_samples_than_possible_categories():
+    """k = 3 of 4 categories, but only 2 have positive probability (logits -inf; probs=0
+    are clamped to a tiny positive probability by torch): the set must contain a category
+    of probability zero, whose weight is NaN; the error says so."""
+    logits = torch.tensor([0.0, 0.0, -float("inf"), -float("inf")])
+
+    def model():
+        z = storch.sample("sparse", dist.Categorical(logits=logits),
+                          estimator=estimators.UnorderedSet(3))
+        storch.add_cost("c", z.float())
+
+    with pytest.raises(NonFiniteCostError, match="'sparse'.*probability zero.*Lower n_samples"):
+        storch.StorchELBO(max_plate_nesting=0).loss(model, None)
