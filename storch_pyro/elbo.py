@@ -95,8 +95,8 @@ class StorchELBO(ELBO):
         with torch.no_grad():
             runs = list(self._runs(model, guide, args, kwargs))
             value = float(sum(expected_cost(run) for run in runs)) / self.num_particles
-        if not math.isfinite(value):
-            _raise_not_finite(runs)
+            if not math.isfinite(value):
+                _raise_not_finite(runs)
         return value
 
     def differentiable_loss(
