@@ -69,6 +69,28 @@ def _sum_and_sample_too_large():
     _elbo_step(model)
 
 
+def _unordered_set_too_large():
+    def model():
+        logits = pyro.param("logits", torch.zeros(3))
+        z = storch.sample(
+            "k", dist.Categorical(logits=logits), estimator=estimators.UnorderedSet(4)
+        )
+        storch.add_cost("c", z.float())
+
+    _elbo_step(model)
+
+
+def _non_finite_sample_weights():
+    def model():
+        logits = torch.tensor([0.0, 0.0, -float("inf")])  # two possible categories
+        z = storch.sample(
+            "k", dist.Categorical(logits=logits), estimator=estimators.UnorderedSet(3)
+        )
+        storch.add_cost("c", z.float())
+
+    _elbo_step(model)
+
+
 def _unused_config():
     def model():
         z = pyro.sample("z", dist.Bernoulli(pyro.param("p", torch.tensor(0.3))))
@@ -301,6 +323,12 @@ ENTRIES = {
     ),
     "sum-and-sample-k": Entry(
         _sum_and_sample_too_large, UnsupportedDistributionError, "'k'", "use k <= 3"
+    ),
+    "unordered-set-n-samples": Entry(
+        _unordered_set_too_large, UnsupportedDistributionError, "'k'", "use n_samples <= 3"
+    ),
+    "non-finite-sample-weights": Entry(
+        _non_finite_sample_weights, NonFiniteCostError, "'k'", "Lower n_samples there"
     ),
     "unused-config": Entry(
         _unused_config, UnusedConfigWarning, "['zz']", "check the spelling", warning=True

@@ -52,6 +52,8 @@ ESTIMATORS = {
     "enumerate-bernoulli": (estimators.Enumerate, _bernoulli),
     "enumerate-onehot": (estimators.Enumerate, _onehot),
     "sum-and-sample": (lambda: estimators.SumAndSample(2), _onehot),
+    "unordered-set-onehot": (lambda: estimators.UnorderedSet(2), _onehot),
+    "unordered-set-bernoulli": (lambda: estimators.UnorderedSet(2), _bernoulli),
     "gumbel-soft-bernoulli": (lambda: estimators.GumbelSoftmax(0.5), _bernoulli),
     "gumbel-soft-onehot": (lambda: estimators.GumbelSoftmax(0.1), _onehot),
     "gumbel-hard-onehot": (lambda: estimators.GumbelSoftmax(0.5, hard=True), _onehot),
