@@ -75,5 +75,5 @@ def gradient_stats(
     mean = samples.mean(0)
     variance = samples.var(0)
     if exact is not None:
-        exact = torch.as_tensor(exact, dtype=mean.dtype).reshape(-1)
+        exact = torch.as_tensor(exact, dtype=mean.dtype, device=mean.device).reshape(-1)
     return GradientStats(mean, variance, (variance / n).sqrt(), n, exact)
