@@ -135,3 +135,42 @@ def test_model_without_costs_loss_in_sites_dtype():
         storch.sample("z", dist.Bernoulli(torch.tensor(0.5, dtype=torch.float64)))
 
     assert storch.StorchELBO().differentiable_loss(model, None).dtype == torch.float64
+
+
+# ---- devices ----------------------------------------------------------------------------
+
+_FACTORIES = {"tensor", "zeros", "ones", "full", "empty", "rand", "randn", "randint",
+              "arange", "linspace", "eye", "as_tensor"}
+#: (module, function): tensor factories that are on the CPU by design.
+_CPU_BY_DESIGN = {
+    ("estimators/_unordered_set_math.py", "_subset_tables"),  # cached index tables, moved
+    ("estimators/_unordered_set_math.py", "_quadrature_nodes_cpu"),  # cached nodes, moved
+    ("estimators/relaxation.py", "_advance"),  # a step counter in the param store
+    ("primitives.py", "add_cost"),  # a Python number as a cost: a CPU scalar broadcasts
+    ("surrogate.py", "_zero"),  # a loss without costs or sites
+}
+
+
+def test_no_tensor_factory_without_a_device():
+    """Tensors are created on the parameters' device (``device=``, ``*_like``, ``new_*``):
+    a static check of the package, as this test machine has no GPU."""
+    import ast
+    from pathlib import Path
+
+    root = Path(storch.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        module = str(path.relative_to(root))
+        tree = ast.parse(path.read_text())
+        for function in ast.walk(tree):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if (module, function.name) in _CPU_BY_DESIGN:
+                continue
+            for node in ast.walk(function):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and isinstance(node.func.value, ast.Name)
+                        and node.func.value.id == "torch" and node.func.attr in _FACTORIES
+                        and not any(k.arg == "device" for k in node.keywords)):
+                    offenders.append(f"{module}:{node.lineno} {function.name}")
+    assert not offenders, offenders
