@@ -270,7 +270,14 @@ class StorchMessenger(Messenger):
                 run.density_values[name] = density_value
         else:
             density_value = run.density_values.get(name, value) if self.role == "model" else value
-        log_prob = fn.log_prob(density_value)
+        try:
+            log_prob = fn.log_prob(density_value)
+        except ValueError as error:  # as poutine.trace reports it, naming the site
+            raise ValueError(
+                f"Error while computing log_prob at site '{name}':\n{error}\nCheck that the "
+                f"value (observed data, or the guide's sample) is in the support of the "
+                f"site's distribution, with a shape that broadcasts to its batch shape."
+            ) from error
         masked = scale_and_mask(log_prob, 1.0, msg["mask"])
         if pending is not None:
             estimator, baseline, sample_dim, own_frame, state = pending
