@@ -354,6 +354,54 @@ def block_guide(data=DATA):
     pyro.sample("mu", dist.Normal(pyro.param("m", torch.tensor(0.1)), 1.0))
 
 
+def empty_model():
+    pass
+
+
+def observed_only_model():
+    loc = torch.zeros(2)
+    pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=torch.tensor([0.3, -0.2]))
+
+
+def plate_reuse_model():
+    """Plate objects entered several times, alone and together (explicit dims)."""
+    p = pyro.param("p", torch.tensor(0.4), constraint=constraints.unit_interval)
+    outer = pyro.plate("outer", 10, 5, dim=-1)
+    inner = pyro.plate("inner", 11, 6, dim=-2)
+    with outer as i:
+        pyro.sample("x", dist.Bernoulli(p).expand_by([len(i)]))
+    with inner as j:
+        pyro.sample("y", dist.Bernoulli(p).expand_by([len(j), 1]))
+    with outer as i, inner as j:
+        pyro.sample("z", dist.Bernoulli(p).expand_by([len(j), len(i)]))
+
+
+def plate_without_size_model():
+    p = pyro.param("p", torch.tensor(0.4), constraint=constraints.unit_interval)
+    with pyro.plate("plate"):
+        pyro.sample("x", dist.Bernoulli(p).expand_by([7]))
+
+
+def nested_sequential_model(order="ij"):
+    p = pyro.param("p", torch.tensor(0.4), constraint=constraints.unit_interval)
+    outer, inner = pyro.plate("seq_0", 3, 2), pyro.plate("seq_1", 3, 2)
+    pairs = [(i, j) for i in outer for j in inner]
+    if order == "ji":
+        pairs = [(i, j) for j in inner for i in outer]
+    for i, j in pairs:
+        pyro.sample(f"x_{i}_{j}", dist.Bernoulli(p))
+
+
+def nested_sequential_swapped_guide():
+    nested_sequential_model(order="ji")
+
+
+def plate_in_model_only_model(data=DATA):
+    for _ in pyro.plate("unused", 10, 5):
+        pass
+    normal_model(data)
+
+
 def _autoguide(cls, model):
     guides = {}
 
@@ -401,6 +449,12 @@ VALID = {
     ),
     "discrete": Case(discrete_model, discrete_guide),
     "mixed_subsample": Case(mixed_model, mixed_guide),
+    "empty_model_and_guide": Case(empty_model, empty_model),
+    "observed_only_empty_guide": Case(observed_only_model, empty_model),
+    "plate_reuse_model_as_guide": Case(plate_reuse_model, plate_reuse_model),
+    "plate_without_size": Case(plate_without_size_model, plate_without_size_model),
+    "nested_sequential_swapped": Case(nested_sequential_model, nested_sequential_swapped_guide),
+    "plate_in_model_only": Case(plate_in_model_only_model, normal_guide, reparameterized=True),
     "particles": Case(local_model, local_guide, elbo=dict(num_particles=3), reparameterized=True),
     "vectorized_particles": Case(
         nested_model,
@@ -565,6 +619,19 @@ def plate_dim_clash_model():
             pyro.sample("x", dist.Normal(0.0, 1.0), obs=torch.zeros(3))
 
 
+def plate_broadcast_model():
+    with pyro.plate("plate", 10, 5):
+        pyro.sample("x", dist.Bernoulli(0.5).expand_by([2]), obs=torch.zeros(2))
+
+
+def plate_dim_model():
+    p = torch.tensor([0.5])
+    with pyro.plate("outer", 10, 5) as i:
+        pyro.sample("x", dist.Bernoulli(p).expand_by([len(i)]), obs=torch.zeros(5, 1))
+        with pyro.plate("inner", 11, 6) as j:  # x above lacks the dim of "outer" at -1
+            pyro.sample("y", dist.Bernoulli(p).expand_by([len(j)]), obs=torch.zeros(6, 1))
+
+
 def empty_guide(*args, **kwargs):
     pass
 
@@ -684,6 +751,7 @@ class Invalid:
     outcome: Tuple[str, Any]
     references: Tuple[str, ...] = ("Trace_ELBO", "TraceGraph_ELBO")
     methods: Tuple[str, ...] = ("loss", "differentiable_loss", "loss_and_grads")
+    same_message: bool = True  # the first line of the message is Pyro's too
 
 
 ENUMERATION_TEXT = "If you want to enumerate sites, you need to use TraceEnum_ELBO instead"
@@ -703,6 +771,12 @@ INVALID = {
     ),
     "undeclared_batch_dim": Invalid(
         Case(undeclared_batch_model, undeclared_batch_guide), ("raises", ValueError)
+    ),
+    "shape_mismatch_inside_plate": Invalid(
+        Case(plate_broadcast_model, empty_guide), ("raises", ValueError)
+    ),
+    "site_shape_against_plate_dims": Invalid(
+        Case(plate_dim_model, empty_guide), ("raises", ValueError)
     ),
     "duplicate_site": Invalid(
         Case(duplicate_site_model, duplicate_site_guide), ("raises", RuntimeError)
@@ -737,6 +811,7 @@ INVALID = {
         ("raises", ValueError),
         references=("TraceGraph_ELBO",),
         methods=("loss_and_grads",),
+        same_message=False,
     ),
 }
 
@@ -771,6 +846,8 @@ def test_invalid_pair_same_error_or_warning_as_pyro(name, method):
         if kind == "raises":
             assert ours[0] == "raises", ours
             assert issubclass(ours[1], outcome[1]), (ours, loss_name, outcome)
+            if bad.same_message:
+                assert ours[2].splitlines()[0] == outcome[2].splitlines()[0], (ours, outcome)
         else:
             assert any(expected in message for message in outcome[1]), (loss_name, outcome)
     if kind == "raises":

@@ -280,6 +280,14 @@ def _add_cost_plate_shape():
     _elbo_step(model)
 
 
+def _observation_out_of_support():
+    def model():
+        p = pyro.param("p", torch.tensor(0.3))
+        pyro.sample("coin", dist.Bernoulli(p), obs=torch.tensor(2.0))
+
+    _elbo_step(model)
+
+
 def _temperature_schedule():
     estimator = estimators.GumbelSoftmax(lambda step: 1.0 - step)
 
@@ -385,6 +393,9 @@ ENTRIES = {
     ),
     "add-cost-plate-shape": Entry(
         _add_cost_plate_shape, StorchError, "'fit'", "Compute the cost per element of the plate"
+    ),
+    "log-prob-error": Entry(
+        _observation_out_of_support, ValueError, "'coin'", "is in the support of the site's"
     ),
     "temperature-schedule": Entry(
         _temperature_schedule, ValueError, "'z'", "make it return a value > 0"
