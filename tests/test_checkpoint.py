@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
+import pytest
 import torch
 
 import storch_pyro as storch
@@ -105,3 +106,129 @@ def test_learned_baseline_computes_with_loaded_parameters(tmp_path):
     assert float(fresh[0].weight.detach()) == 3.0
     loss.backward()
     assert pyro.param("nvil$$$0.weight").grad is not None
+
+
+# ---- no estimator keeps training state outside the param store ---------------------------
+
+
+def _bernoulli_site(estimator):
+    def model(x):
+        logits = pyro.param("logits", torch.zeros(2))
+        with pyro.plate("data", 2):
+            b = storch.sample("b", dist.Bernoulli(logits=logits), estimator=estimator)
+            storch.add_cost("c", (b - x) ** 2)
+
+    return model
+
+
+def _onehot_site(estimator):
+    def model(x):
+        logits = pyro.param("logits", torch.zeros(2, 3))
+        with pyro.plate("data", 2):
+            z = storch.sample("z", dist.OneHotCategorical(logits=logits), estimator=estimator)
+            storch.add_cost("c", (z[..., 0] - x) ** 2)
+
+    return model
+
+
+def _normal_site(estimator):
+    def model(x):
+        loc = pyro.param("loc", torch.zeros(2))
+        with pyro.plate("data", 2):
+            z = storch.sample("z", dist.Normal(loc, 1.0), estimator=estimator)
+            storch.add_cost("c", (z - x) ** 2)
+
+    return model
+
+
+def _learned_score_function():
+    net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Flatten(0))
+    return estimators.ScoreFunction(
+        baseline=baselines.Learned(net, input_fn=lambda x: x.unsqueeze(-1))
+    )
+
+
+#: class name -> [(estimator factory, model factory)]: every registered estimator, with each
+#: kind of state it can carry. A new estimator must be added here (the test says so).
+TRAINED_ESTIMATORS = {
+    "Pathwise": [(estimators.Pathwise, _normal_site)],
+    "ScoreFunction": [
+        (lambda: estimators.ScoreFunction(baseline=baselines.MovingAverage(0.5)), _bernoulli_site),
+        (_learned_score_function, _bernoulli_site),
+        (lambda: estimators.ScoreFunction(3, baseline=baselines.LeaveOneOut()), _onehot_site),
+    ],
+    "ARM": [(estimators.ARM, _bernoulli_site)],
+    "DisARM": [(estimators.DisARM, _bernoulli_site)],
+    "Enumerate": [(estimators.Enumerate, _onehot_site)],
+    "SumAndSample": [(lambda: estimators.SumAndSample(2), _onehot_site)],
+    "GumbelSoftmax": [
+        (lambda: estimators.GumbelSoftmax(lambda step: 1.0 / (1.0 + step)), _onehot_site)
+    ],
+    "StraightThrough": [(estimators.StraightThrough, _bernoulli_site)],
+    "UnorderedSet": [(lambda: estimators.UnorderedSet(2), _onehot_site)],
+}
+
+
+def _reachable(obj, path="", seen=None):
+    """(path, value) of every tensor, and every plain attribute, reachable from ``obj``."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, torch.nn.Module):
+        for name, tensor in list(obj.named_parameters()) + list(obj.named_buffers()):
+            yield f"{path}.{name}", tensor
+    elif isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            yield from _reachable(item, f"{path}[{i}]", seen)
+    elif isinstance(obj, dict):
+        for key, item in obj.items():
+            yield from _reachable(item, f"{path}[{key!r}]", seen)
+    elif isinstance(obj, (estimators.Estimator, baselines.Baseline)):
+        for name, item in vars(obj).items():
+            if isinstance(item, (int, float, str, bool, type(None))):
+                yield f"{path}.{name}", item
+            else:
+                yield from _reachable(item, f"{path}.{name}", seen)
+
+
+def _snapshot(estimator):
+    return {
+        path: (value, value.detach().clone()) if isinstance(value, torch.Tensor) else value
+        for path, value in _reachable(estimator, type(estimator).__name__)
+    }
+
+
+@pytest.mark.parametrize("name", sorted(c.__name__ for c in estimators.Estimator.registry))
+def test_estimator_training_state_lives_in_the_param_store(name):
+    """After the first step (which names and registers state), a training step changes no
+    attribute of the estimator (or its baseline) and no tensor it holds, except tensors that
+    are param-store entries: so ``param_store.save/load`` checkpoints all of its state."""
+    if name not in TRAINED_ESTIMATORS:
+        pytest.fail(
+            f"{name} is a registered estimator without an entry in TRAINED_ESTIMATORS: add "
+            f"one, and keep its training state in the param store (see "
+            f"storch_pyro.param_state) so that checkpoints restore it"
+        )
+    x = torch.tensor([0.0, 1.0])
+    for make_estimator, make_model in TRAINED_ESTIMATORS[name]:
+        pyro.clear_param_store()
+        estimator = make_estimator()
+        model = make_model(estimator)
+        svi = pyro.infer.SVI(model, None, pyro.optim.Adam({"lr": 0.1}), storch.StorchELBO())
+        svi.step(x)
+        before = _snapshot(estimator)
+        svi.step(x)
+        after = _snapshot(estimator)
+        stored = [id(t) for t in pyro.get_param_store()._params.values()]
+        assert set(after) == set(before), (name, set(after) ^ set(before))
+        for path, old in before.items():
+            new = after[path]
+            if isinstance(old, tuple):
+                tensor, value = old
+                changed = not torch.equal(new[1], value) or new[0] is not tensor
+                assert not changed or id(new[0]) in stored, f"{path} changed outside the store"
+            else:
+                assert new == old, f"{path} changed from {old!r} to {new!r}"
