@@ -7,8 +7,9 @@ StorchELBO and Pyro's losses). The latent site is called ``"z"``.
   ARM (Yin & Zhou 2019), RELAX (Grathwohl et al. 2018) and DisARM (Dong et al. 2020): a
   factorized Bernoulli prior with learned logits, the decoder's output bias initialised to
   the logit of the training mean.
-- :class:`CategoricalVAE`: 20 latents, each a one-hot Categorical(10) with a uniform prior,
-  encoder 512-256 and decoder 256-512 ReLU (Kool, van Hoof & Welling 2020).
+- :class:`CategoricalVAE`: 20 latents, each a one-hot Categorical(10) with a uniform prior
+  (the latent structure of Kool, van Hoof & Welling 2020), encoder with hidden layers of 512
+  and 256 ReLU units, decoder the mirror image.
 
 Both define :math:`f(z) = \\log q(z \\mid x) - \\log p(x, z)`, so :math:`-\\mathrm{ELBO} =
 \\mathbb{E}_q f`, summed over the batch.

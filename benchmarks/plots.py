@@ -34,7 +34,7 @@ def _band(axis, results: dict, key: str, title: str, log: bool = False) -> None:
         if log:
             values = np.where(values > 0, values, np.nan)
         mean = np.nanmean(values, 0)
-        line, = axis.plot(steps, mean, label=label)
+        line, = axis.plot(steps, mean, label=label, linestyle=_style(label))
         if len(values) > 1:
             axis.fill_between(steps, np.nanmin(values, 0), np.nanmax(values, 0),
                               color=line.get_color(), alpha=0.2, linewidth=0)
@@ -42,6 +42,12 @@ def _band(axis, results: dict, key: str, title: str, log: bool = False) -> None:
         axis.set_yscale("log")
     axis.set_title(title)
     axis.set_xlabel("step")
+
+
+def _style(label: str) -> str:
+    """Solid for storch_pyro, dashed for hand-written, dotted for Pyro's losses (twins that
+    coincide stay visible)."""
+    return {"torch": "--", "pyro": ":"}.get(label.split(":")[0], "-")
 
 
 def write_all(results: dict, folder: Path) -> List[Path]:

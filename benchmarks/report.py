@@ -54,6 +54,39 @@ def method_summaries(results: dict) -> Dict[str, dict]:
     return by_method
 
 
+#: Orderings that the DisARM paper (Dong et al. 2020) reports: (better, worse).
+DEFAULT_PAIRS = (("disarm", "arm"), ("rloo", "sf-ma"), ("torch:disarm", "torch:arm"),
+                 ("torch:rloo", "torch:sf-ma"))
+_PAIRED = (("train ELBO", "train_elbo", 1.0), ("test bound", "test_bound", 1.0),
+           ("log10 var (fixed)", "variance_fixed_batch", -1.0),
+           ("log10 var (running)", "variance_running", -1.0))
+
+
+def paired_differences(results: dict, better: str, worse: str) -> Dict[str, Optional[tuple]]:
+    """Per measurement, the mean ± s.e. over seeds of the seed-paired difference
+    ``better - worse`` (variances as log10), with the sign flipped for variances so that a
+    positive value always means ``better`` is better."""
+    finals = {}
+    for label in (better, worse):
+        finals[label] = {r["seed"]: r["final"] for r in results["runs"]
+                         if r["method"] == label and "final" in r}
+    seeds = sorted(set(finals[better]) & set(finals[worse]))
+    out = {}
+    for title, key, sign in _PAIRED:
+        values = []
+        for seed in seeds:
+            a, b = finals[better][seed].get(key), finals[worse][seed].get(key)
+            if a is None or b is None:
+                continue
+            if key.startswith("variance"):
+                a, b = _log10(a), _log10(b)
+                if a is None or b is None:
+                    continue
+            values.append(sign * (a - b))
+        out[title] = summarize(values)
+    return out
+
+
 def markdown(results: dict) -> str:
     """The table, preceded by the run's configuration."""
     config = results["config"]
@@ -98,8 +131,45 @@ def markdown(results: dict) -> str:
         if has_bias:
             row += [_fmt(summary["bias_mean_z2"]), _fmt(summary["relative_bias"], 3)]
         lines.append("| " + " | ".join(row) + " |")
+    pairs = [(a, b) for a, b in DEFAULT_PAIRS
+             if summaries.get(a, {}).get("runs") and summaries.get(b, {}).get("runs")]
+    if pairs:
+        lines += ["", "Seed-paired differences (positive: the first is better; variances: "
+                  "log10 of the second minus log10 of the first):", "",
+                  "| ordering | " + " | ".join(t for t, _, _ in _PAIRED) + " |",
+                  "|---|" + "--:|" * len(_PAIRED)]
+        for better, worse in pairs:
+            differences = paired_differences(results, better, worse)
+            lines.append(f"| {better} ≥ {worse} | "
+                         + " | ".join(_fmt(differences[t]) for t, _, _ in _PAIRED) + " |")
     failures = [(label, s["errors"]) for label, s in summaries.items() if s["errors"]]
     if failures:
         lines += ["", "Failed or not applicable:", ""]
         lines += [f"- {label}: {'; '.join(errors)}" for label, errors in failures]
     return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    """``python -m benchmarks.report OUT/results.json ...``: rewrites each ``results.md``
+    (and the plots, with ``--plots``)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results", type=Path, nargs="+")
+    parser.add_argument("--plots", action="store_true")
+    args = parser.parse_args(argv)
+    for path in args.results:
+        results = json.loads(path.read_text())
+        table = markdown(results)
+        (path.parent / "results.md").write_text(table)
+        if args.plots:
+            from benchmarks import plots
+
+            plots.write_all(results, path.parent)
+        print(table)
+
+
+if __name__ == "__main__":
+    main()
