@@ -36,6 +36,9 @@ class Estimator:
     has_score: ClassVar[bool] = True
     #: Whether :meth:`control_term` adds to the surrogate.
     has_control_term: ClassVar[bool] = False
+    #: Whether a baseline from :mod:`storch_pyro.baselines` may be added to the score term
+    #: (not where the estimator has a built-in one).
+    accepts_baseline: ClassVar[bool] = True
     #: Every public estimator class, so errors can list the ones that would work.
     registry: ClassVar[List[Type["Estimator"]]] = []
 
@@ -92,6 +95,13 @@ class Estimator:
         ``()``) prepended to ``fn``'s shape. Returns the value and any state
         :meth:`control_term` needs later (e.g. the uniform noise)."""
         raise NotImplementedError
+
+    def example_value(self, fn: Distribution) -> torch.Tensor:
+        """One value shaped and typed like those the site receives, without a sample dim
+        and without side effects on the estimator: what :class:`~storch_pyro.StorchELBO`
+        hands the program when it probes for ``max_plate_nesting``. ``fn.sample()`` by
+        default."""
+        return fn.sample()
 
     def control_term(
         self, fn: Distribution, state: Any, sample_dim: Optional[int],
