@@ -91,6 +91,10 @@ class DiscreteVAE(nn.Module):
         return (log_q.exp() * (log_q - self.log_joint(x, support))).sum()
 
     # ---- Pyro ---------------------------------------------------------------------------
+    def _site_to_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """The Pyro site's value as the latent the decoder takes (identity by default)."""
+        return z
+
     def _prior_site(self):
         raise NotImplementedError
 
@@ -105,7 +109,8 @@ class DiscreteVAE(nn.Module):
             pyro.module("decoder", self.decoder)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", self._prior_site())
-            pyro.sample("x", dist.Bernoulli(logits=self.decode(z)).to_event(1), obs=x)
+            logits = self.decode(self._site_to_latent(z))
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
 
     def guide(self, x: torch.Tensor, register: bool = False, infer: Optional[dict] = None):
         """Pyro guide: ``z ~ q(z | x)`` in the same plate (``infer`` goes to the site)."""
@@ -174,7 +179,8 @@ class BinaryVAE(DiscreteVAE):
 
 
 class CategoricalVAE(DiscreteVAE):
-    """``n_latent`` (20) one-hot Categorical(``n_cat`` = 10) latents, uniform prior."""
+    """``n_latent`` (20) one-hot Categorical(``n_cat`` = 10) latents, uniform prior; with
+    ``n_latent = 1`` the Pyro site has no event dim (one Categorical per image)."""
 
     kind = "categorical"
 
@@ -216,10 +222,20 @@ class CategoricalVAE(DiscreteVAE):
         rows = itertools.product(range(self.n_cat), repeat=self.n_latent)
         return torch.stack([eye[list(row)] for row in rows])
 
+    # With one latent the Pyro site is a plain OneHotCategorical (no ``.to_event``): the
+    # setting of Kool et al. (2020), where estimators that draw per batch element (e.g.
+    # ``UnorderedSet``) apply.
+    def _site_to_latent(self, z):
+        return z.unsqueeze(-2) if self.n_latent == 1 else z
+
     def _prior_site(self):
+        if self.n_latent == 1:
+            return dist.OneHotCategorical(logits=self.prior_logits[0])
         return dist.OneHotCategorical(logits=self.prior_logits).to_event(1)
 
     def _posterior_site(self, logits):
+        if self.n_latent == 1:
+            return dist.OneHotCategorical(logits=logits)
         shape = logits.shape[:-1] + (self.n_latent, self.n_cat)
         return dist.OneHotCategorical(logits=logits.reshape(shape)).to_event(1)
 

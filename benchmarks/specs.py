@@ -33,6 +33,7 @@ PRESETS: Dict[str, str] = {
     "gumbel": "GumbelSoftmax(temperature=1.0)",
     "gumbel-hard": "GumbelSoftmax(temperature=1.0, hard=True)",
     "st": "StraightThrough()",
+    "unordered4": "UnorderedSet(n_samples=4)",
 }
 
 #: The hand-written twin of a storch_pyro method (by preset name or expanded spec): the

@@ -51,3 +51,15 @@ def test_method_specs_are_parsed_without_eval():
                 "torch:nope", "pyro:nope", "ARM(n_samples=0)", "ScoreFunction(4)"):
         with pytest.raises(ValueError):
             specs.parse(bad)
+
+
+def test_compare_one_categorical_per_image_runs_the_unordered_set(tmp_path):
+    results = compare.main([
+        "--model", "categorical", "--latents", "1", "--steps", "2", "--seeds", "0",
+        "--methods", "unordered4", "torch:rloo4", "--var-samples", "2", "--test-samples", "5",
+        "--test-size", "20", "--bias-samples", "3", "--no-progress", "--no-plots",
+        "--out", str(tmp_path),
+    ])
+    for run in results["runs"]:
+        assert "error" not in run, run["error"]
+        assert run["final"]["bias"]["n"] == 3
