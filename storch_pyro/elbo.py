@@ -15,7 +15,12 @@ from pyro.poutine.subsample_messenger import _Subsample
 from storch_pyro.errors import NonFiniteCostError
 from storch_pyro.estimators.base import Estimator
 from storch_pyro.handlers.tracing import NeedsPlateNesting, Run, StorchMessenger
-from storch_pyro.surrogate import expected_cost, raise_if_not_finite, surrogate_loss
+from storch_pyro.surrogate import (
+    backward_with_variance,
+    expected_cost,
+    raise_if_not_finite,
+    surrogate_loss,
+)
 
 
 class StorchELBO(ELBO):
@@ -118,7 +123,12 @@ class StorchELBO(ELBO):
         if not math.isfinite(value):
             _raise_not_finite(runs)
         if surrogate.requires_grad:
-            surrogate.backward(retain_graph=self.retain_graph)
+            tuned = [node for run in runs for node in run.nodes
+                     if node.estimator.trains_control_variate]
+            if tuned:
+                backward_with_variance(surrogate, tuned, self.retain_graph)
+            else:
+                surrogate.backward(retain_graph=self.retain_graph)
         return value
 
     # ---- internals -------------------------------------------------------------------------
