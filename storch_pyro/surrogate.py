@@ -192,6 +192,16 @@ def _live_downstream_cost(
     magic box of the score terms of the sites between the node and the cost (so its
     gradient estimates that of :math:`\mathbb{E}[D_z \mid z]`): on the node's batch shape,
     and summed over the node's plates (each cost once)."""
+    later = run.nodes[node.index + 1:]
+    for other in later:
+        if other.estimator.has_control_term and node.own_frame in other.ordinal:
+            raise StorchError(
+                f"site '{other.name}' depends on the relaxed values of site '{node.name}' "
+                f"({type(node.estimator).__name__}), whose control variate differentiates the "
+                f"downstream cost through them; the gradient of '{other.name}''s estimator "
+                f"{type(other.estimator).__name__} lives in a control term that this does not "
+                f"see. Give '{other.name}' a score-function or pathwise estimator."
+            )
     shape = node.log_prob.shape
     rank = len(shape)
     plate_dims = [
@@ -199,7 +209,6 @@ def _live_downstream_cost(
         if key[1] is not None and not key[0].startswith(SAMPLE_FRAME_PREFIX)
     ]
     per_index = shared = None
-    later = run.nodes[node.index + 1:]
     for group in groups:
         if group.n_before <= node.index or not _compatible(node.seq, group.seq):
             continue
