@@ -699,14 +699,18 @@ class VaeControlVariate(torch.nn.Module):
         return self.mlp(torch.cat([torch.sigmoid(z), x], -1)).squeeze(-1)
 
 
-def _vae_variance(estimator, x, p, train_steps, n) -> float:
+def _vae_variance(estimator, x, p, train_steps, n, seed) -> float:
     guide = handlers.estimator(vae_guide, config={"z": estimator})
     elbo = storch.StorchELBO(max_plate_nesting=1)
+    pyro.set_rng_seed(seed)
     if train_steps:
         # SVI trains only the estimator's parameters: the VAE's are plain tensors here.
         svi = pyro.infer.SVI(vae_model, guide, pyro.optim.Adam({"lr": 3e-3}), loss=elbo)
         for _ in range(train_steps):
             svi.step(x, p)
+    else:
+        for _ in range(100):  # warms a moving-average baseline up
+            elbo.differentiable_loss(vae_model, guide, x, p)
     for value in p.values():
         value.grad = None
     stats = gradient_stats(lambda: elbo.differentiable_loss(vae_model, guide, x, p),
@@ -715,21 +719,31 @@ def _vae_variance(estimator, x, p, train_steps, n) -> float:
 
 
 @pytest.mark.slow
-def test_discrete_vae_variance_against_score_function_with_moving_average():
+@pytest.mark.parametrize("seed", [0, 1])
+def test_discrete_vae_variance_against_score_function_with_moving_average(seed):
+    """Variance of the encoder gradient relative to ScoreFunction + MovingAverage(0.9)
+    (warmed up over 100 draws), measured at seeds 0 / 1: REBAR untrained 0.69 / 0.68, REBAR
+    after 300 SVI steps 0.32 / 0.30, RELAX (rebar_term, network of z and x) 0.32 / 0.30.
+    ``python -m pytest -s -m slow -k discrete_vae`` prints them."""
     x = vae_data()
     p = {name: value.requires_grad_() for name, value in vae_params(x).items()}
     n = 300
-    score = _vae_variance(
-        estimators.ScoreFunction(baseline=baselines.MovingAverage(0.9)), x, p, 0, n)
+    variance = {
+        "score+ma": _vae_variance(
+            estimators.ScoreFunction(baseline=baselines.MovingAverage(0.9)), x, p, 0, n, seed),
+    }
     pyro.clear_param_store()
-    rebar = _vae_variance(estimators.REBAR(), x, p, 300, n)
+    variance["rebar-step0"] = _vae_variance(estimators.REBAR(), x, p, 0, n, seed)
     pyro.clear_param_store()
-    relax = _vae_variance(
+    variance["rebar"] = _vae_variance(estimators.REBAR(), x, p, 300, n, seed)
+    pyro.clear_param_store()
+    variance["relax+rebar"] = _vae_variance(
         estimators.RELAX(VaeControlVariate(x.shape[1]), rebar_term=True, with_context=True),
-        x, p, 300, n)
-    ratios = {"rebar": rebar / score, "relax": relax / score}
-    print(f"discrete VAE encoder-gradient variance / ScoreFunction+MovingAverage: {ratios}")
-    assert ratios["rebar"] < 1.0 and ratios["relax"] < 1.0, ratios
+        x, p, 300, n, seed)
+    ratios = {name: v / variance["score+ma"] for name, v in variance.items()}
+    print(f"\ndiscrete VAE encoder-gradient variance / ScoreFunction+MovingAverage: {ratios}")
+    assert ratios["rebar"] < 0.5 and ratios["relax+rebar"] < 0.5, ratios
+    assert ratios["rebar"] < ratios["rebar-step0"], ratios
 
 
 # ==== 8. errors ==============================================================================

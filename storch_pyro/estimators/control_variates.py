@@ -384,12 +384,21 @@ class RELAX(_RelaxedDiscrete):
     :param str name: the ``pyro.module`` name.
     :param int n_samples: samples per site.
 
-    Example::
+    Example (a factorized Bernoulli of 3 coordinates; :math:`c_\\phi` maps
+    ``(..., 3) -> (...)``)::
 
-        net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(),
-                                  torch.nn.Linear(16, 1), torch.nn.Flatten(-2))  # (..., 3) -> (...)
+        class ControlVariate(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.mlp = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(),
+                                               torch.nn.Linear(16, 1))
+
+            def forward(self, z):
+                return self.mlp(z).squeeze(-1)
+
         b = storch.sample("b", dist.Bernoulli(logits=phi).to_event(1),
-                          estimator=estimators.RELAX(net))
+                          estimator=estimators.RELAX(ControlVariate()))
+        storch.add_cost("f", black_box(b))   # f sees only the hard b
     """
 
     _prefix = "storch_pyro.relax"
@@ -438,12 +447,11 @@ class LAX(Estimator):
     :param str name: the ``pyro.module`` name.
     :param int n_samples: samples per site.
 
-    Example::
+    Example (``ControlVariate`` as for :class:`RELAX`, with 2 inputs)::
 
-        net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(),
-                                  torch.nn.Linear(16, 1), torch.nn.Flatten(-2))
-        x = storch.sample("x", dist.Normal(mu, 1.0).to_event(1), estimator=estimators.LAX(net))
-        storch.add_cost("reward", black_box(x))
+        x = storch.sample("x", dist.Normal(mu, 1.0).to_event(1),
+                          estimator=estimators.LAX(ControlVariate()))
+        storch.add_cost("reward", black_box(x))   # no gradient through black_box needed
     """
 
     has_score = True
