@@ -22,7 +22,6 @@ sites costs a few tensor ops.
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
-from pyro.distributions.util import scale_and_mask
 
 from storch_pyro.baselines import BaselineContext
 from storch_pyro.errors import NonFiniteCostError, StorchError
@@ -161,7 +160,6 @@ def _control_term(run: Run, node: Node, groups: List[_Group], prefix, boxes) -> 
     (so that, as for baselines, the upstream score terms see it at higher orders)."""
     downstream = _downstream_cost(run, node, groups)
     term = node.estimator.control_term(node.fn, node.state, node.sample_dim, downstream)
-    term = scale_and_mask(term, 1.0, node.mask)
     before = prefix(node.ordinal, node.seq, node.index)
     if before is not None:
         term = term * boxes(before)
@@ -172,13 +170,12 @@ def _control_terms(
     run: Run, node: Node, groups: List[_Group], prefix, boxes
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """:meth:`~storch_pyro.estimators.base.Estimator.control_terms`: the per-index term is
-    masked and boxed as in :func:`_control_term`; the shared term is added as it is."""
+    boxed as in :func:`_control_term`; the shared term is added as it is."""
     downstream = _downstream_cost(run, node, groups)
-    ctx = ControlContext(node.name, node.sample_dim, node.mask, run.args, run.kwargs)
+    ctx = ControlContext(node.name, node.sample_dim, run.args, run.kwargs)
     if node.estimator.needs_live_costs:
         ctx.live_cost, ctx.live_total = _live_downstream_cost(run, node, groups)
     per_index, shared = node.estimator.control_terms(node.fn, node.state, downstream, ctx)
-    per_index = scale_and_mask(per_index, 1.0, node.mask)
     before = prefix(node.ordinal, node.seq, node.index)
     if before is not None:
         per_index = per_index * boxes(before)

@@ -15,7 +15,6 @@ class ControlContext:
 
     :ivar site: the site's name (to name its parameters in the param store).
     :ivar sample_dim: the (negative) dim of the site's own samples, or ``None``.
-    :ivar mask: the site's ``poutine.mask`` mask (or ``None``).
     :ivar args: positional arguments of the model/guide the site lives in.
     :ivar kwargs: keyword arguments of the model/guide.
     :ivar live_cost: with :attr:`Estimator.needs_live_costs`: the downstream cost
@@ -29,7 +28,6 @@ class ControlContext:
 
     site: str
     sample_dim: Optional[int]
-    mask: Any = None
     args: Tuple[Any, ...] = ()
     kwargs: Dict[str, Any] = field(default_factory=dict)
     live_cost: Optional[torch.Tensor] = None
@@ -144,6 +142,13 @@ class Estimator:
         :meth:`control_term` needs later (e.g. the uniform noise)."""
         raise NotImplementedError
 
+    def example_value(self, fn: Distribution) -> torch.Tensor:
+        """One value shaped and typed like those the site receives, without a sample dim
+        and without side effects on the estimator: what :class:`~storch_pyro.StorchELBO`
+        hands the program when it probes for ``max_plate_nesting``. ``fn.sample()`` by
+        default."""
+        return fn.sample()
+
     def control_term(
         self, fn: Distribution, state: Any, sample_dim: Optional[int],
         downstream_cost: torch.Tensor,
@@ -159,7 +164,7 @@ class Estimator:
         self, fn: Distribution, state: Any, downstream_cost: torch.Tensor, ctx: ControlContext
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """With :attr:`uses_control_context`: the zero-valued terms ``(per_index, shared)``.
-        ``per_index`` is as for :meth:`control_term` (the loss masks it and multiplies it by
+        ``per_index`` is as for :meth:`control_term` (the loss multiplies it by
         the magic box of upstream score terms); ``shared`` (or ``None``) is added as it is,
         summed once (first-order terms that span the indices of the site's plates)."""
         raise NotImplementedError

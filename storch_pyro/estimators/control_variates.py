@@ -41,7 +41,6 @@ from typing import Any, List, Optional, Tuple
 import pyro
 import torch
 import torch.nn.functional as F
-from pyro.distributions.util import scale_and_mask
 from torch.distributions import Distribution, constraints
 
 from storch_pyro.errors import StorchError, UnsupportedDistributionError
@@ -226,6 +225,12 @@ class _RelaxedDiscrete(Estimator):
             soft = torch.softmax(z / temperature, -1)
             soft_tilde = torch.softmax(z_tilde / temperature, -1)
         return torch.cat([hard, soft, soft_tilde], 0), state
+
+    def example_value(self, fn: Distribution) -> torch.Tensor:
+        kind, logits = discrete_base(fn)
+        if kind != "categorical" or not self.relaxed_evaluations:
+            return fn.sample()
+        return F.one_hot(fn.sample(), logits.shape[-1]).to(logits.dtype)
 
     def log_density(self, fn, value, state):
         if not self.relaxed_evaluations:
@@ -414,7 +419,7 @@ class RELAX(_RelaxedDiscrete):
         expected = state.score.shape
         c_z = self.network(self._prefix, ctx, state.z, expected, state)
         c_tilde = self.network(self._prefix, ctx, state.z_tilde, expected, state)
-        difference = scale_and_mask(c_z - c_tilde, 1.0, ctx.mask)
+        difference = c_z - c_tilde
         return c_tilde, difference
 
     def __repr__(self) -> str:
@@ -497,7 +502,7 @@ class LAX(Estimator):
         has_sample_dim = ctx.sample_dim is not None
         per_index = _mean_over_samples(-c * (score - score.detach()), self.n_samples,
                                        has_sample_dim)
-        pathwise = scale_and_mask(c - c.detach(), 1.0, ctx.mask)
+        pathwise = c - c.detach()
         return per_index, _mean_over_samples(pathwise, self.n_samples, has_sample_dim)
 
     def variance_parameters(self, state: _Draw):
