@@ -512,6 +512,36 @@ def test_unbiased_elbo_gradient(kind, elbo_options, make_estimator):
     assert_power(stats, 0.03)
 
 
+@pytest.mark.parametrize("make_estimator, power", [
+    pytest.param(lambda: estimators.REBAR(learn=False, n_samples=K), 0.03, id="rebar"),
+    pytest.param(lambda: estimators.RELAX(Net(3), n_samples=K), 0.05, id="relax"),
+])
+def test_unbiased_with_a_mask_on_the_guide_site_only(make_estimator, power):
+    """poutine.mask(False) on the guide site removes log q from the costs, never the
+    expectation over q: the gradient is that of E_q[-log p(z, y)]. Power: s.e. below
+    ``power`` of the largest coordinate (the untrained RELAX network adds variance)."""
+    def guide(lz, estimator):
+        with poutine.mask(mask=False):
+            bernoulli_guide(lz, estimator)
+
+    lz_values = [0.4, -1.0, 1.2]
+    lz = _leaf(lz_values)
+    theta = _leaf(lz_values, torch.float64)
+    total = 0.0
+    for bits in itertools.product([0.0, 1.0], repeat=3):
+        z = torch.tensor(bits, dtype=torch.float64)
+        log_p = (dist.Bernoulli(probs=PRIOR.double()).log_prob(z).sum()
+                 + dist.Normal((z * OBS_W.double()).sum(), 1.0).log_prob(Y.double()))
+        total = total - dist.Bernoulli(logits=theta).log_prob(z).sum().exp() * log_p
+    (exact,) = torch.autograd.grad(total, [theta])
+    estimator = make_estimator()
+    elbo = storch.StorchELBO()
+    stats = gradient_stats(lambda: elbo.differentiable_loss(bernoulli_model, guide, lz, estimator),
+                           [lz], N_DRAWS, exact.float())
+    assert_unbiased(stats)
+    assert_power(stats, power)
+
+
 def test_loss_value_counts_only_the_hard_samples():
     """The value of the surrogate (and of ``loss``) is the Monte Carlo estimate at b: with
     a cost that is 0 at every discrete value and not elsewhere, it is exactly 0."""
