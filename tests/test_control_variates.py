@@ -724,7 +724,7 @@ class VaeControlVariate(torch.nn.Module):
                                        torch.nn.Linear(32, 1))
         torch.nn.init.zeros_(self.mlp[2].weight)
 
-    def forward(self, z, x, p):
+    def forward(self, z, x, *other_args):
         x = x.expand(z.shape[:-1] + x.shape[-1:])
         return self.mlp(torch.cat([torch.sigmoid(z), x], -1)).squeeze(-1)
 
