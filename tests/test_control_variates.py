@@ -149,6 +149,48 @@ def test_conditional_samplers_at_extreme_parameters(dtype):
             assert (z_tilde.argmax(-1) == category).all()
 
 
+EXTREME_MODELS = [
+    pytest.param(lambda x: dist.Bernoulli(logits=x).to_event(1), [30.0, -30.0, 0.0],
+                 id="bernoulli-logits"),
+    pytest.param(lambda x: dist.Bernoulli(probs=x).to_event(1), [1e-8, 1.0 - 1e-8, 0.5],
+                 id="bernoulli-probs"),
+    pytest.param(lambda x: dist.OneHotCategorical(logits=x), [30.0, -30.0, 0.0],
+                 id="onehot-logits"),
+    pytest.param(lambda x: dist.OneHotCategorical(probs=x), [1e-8, 1.0 - 2e-8, 1e-8],
+                 id="onehot-probs"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("make_dist, values", EXTREME_MODELS)
+@pytest.mark.parametrize("make_estimator", [
+    pytest.param(lambda: estimators.REBAR(n_samples=4), id="rebar"),
+    pytest.param(lambda: estimators.RELAX(Net(3), rebar_term=True, n_samples=4),
+                 id="relax+rebar"),
+])
+def test_extreme_parameters_give_finite_gradients(make_estimator, make_dist, values, dtype):
+    """Logits of +-30 and probabilities of 1e-8: finite loss, estimator gradient and
+    variance gradients (loss_and_grads, with eta, temperature and the network trained)."""
+    x = pyro.param("x", torch.tensor(values, dtype=dtype))
+    estimator = make_estimator()
+    if isinstance(estimator, estimators.RELAX):
+        estimator.network.module.to(dtype)
+
+    def model():
+        b = storch.sample("b", make_dist(pyro.param("x")), estimator=estimator)
+        storch.add_cost("f", ((b - 0.3) ** 2).sum(-1))
+
+    elbo = storch.StorchELBO(max_plate_nesting=0)
+    for _ in range(30):
+        loss = elbo.loss_and_grads(model, None)
+        grads = [param.grad for _, param in pyro.get_param_store().named_parameters()]
+        assert torch.isfinite(torch.tensor(loss))
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), grads
+        for _, param in pyro.get_param_store().named_parameters():
+            param.grad = None
+    assert x.dtype == dtype
+
+
 # ==== 2. unbiasedness for fixed control variates: discrete toys, exact by enumeration ========
 
 TARGET = torch.tensor([0.0, 1.0, 0.3])
