@@ -70,6 +70,9 @@ class Estimator:
     #: Whether ``StorchELBO.loss_and_grads`` trains parameters of this estimator by the
     #: variance of the gradient estimate (:meth:`variance_parameters`).
     trains_control_variate: ClassVar[bool] = False
+    #: Whether a baseline from :mod:`storch_pyro.baselines` may be added to the score term
+    #: (not where the estimator has a built-in one).
+    accepts_baseline: ClassVar[bool] = True
     #: Every public estimator class, so errors can list the ones that would work.
     registry: ClassVar[List[Type["Estimator"]]] = []
 
