@@ -19,7 +19,12 @@ from storch_pyro.handlers.tracing import (
     StorchMessenger,
     resolve_site,
 )
-from storch_pyro.surrogate import expected_cost, raise_if_not_finite, surrogate_loss
+from storch_pyro.surrogate import (
+    backward_with_variance,
+    expected_cost,
+    raise_if_not_finite,
+    surrogate_loss,
+)
 from storch_pyro.validation import PyroChecks, check_guide_supported
 
 
@@ -120,7 +125,12 @@ class StorchELBO(ELBO):
         if not math.isfinite(value):
             _raise_not_finite(runs)
         if surrogate.requires_grad:
-            surrogate.backward(retain_graph=self.retain_graph)
+            tuned = [node for run in runs for node in run.nodes
+                     if node.estimator.trains_control_variate]
+            if tuned:
+                backward_with_variance(surrogate, tuned, self.retain_graph)
+            else:
+                surrogate.backward(retain_graph=self.retain_graph)
         return value
 
     # ---- internals -------------------------------------------------------------------------

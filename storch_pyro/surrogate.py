@@ -25,7 +25,8 @@ import torch
 
 from storch_pyro.baselines import BaselineContext
 from storch_pyro.errors import NonFiniteCostError, StorchError
-from storch_pyro.handlers.tracing import Node, Run
+from storch_pyro.estimators.base import ControlContext
+from storch_pyro.handlers.tracing import SAMPLE_FRAME_PREFIX, Node, Run
 
 
 def magic_box(x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +155,14 @@ def surrogate_loss(run: Run) -> torch.Tensor:
             total = _add(total, _baseline_term(run, node, groups, prefix, boxes), node.weight)
         if node.estimator.has_control_term:
             upstream_weight = run.weight_of(node.ordinal - {node.own_frame})
-            total = _add(total, _control_term(run, node, groups, prefix, boxes), upstream_weight)
+            if node.estimator.uses_control_context:
+                per_index, shared = _control_terms(run, node, groups, prefix, boxes)
+                total = _add(total, per_index, upstream_weight)
+                if shared is not None:
+                    total = _add(total, shared, upstream_weight)
+            else:
+                term = _control_term(run, node, groups, prefix, boxes)
+                total = _add(total, term, upstream_weight)
     return _zero(run) if total is None else total
 
 
@@ -174,6 +182,86 @@ def _control_term(run: Run, node: Node, groups: List[_Group], prefix, boxes) -> 
     if before is not None:
         term = term * boxes(before)
     return term
+
+
+def _control_terms(
+    run: Run, node: Node, groups: List[_Group], prefix, boxes
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:meth:`~storch_pyro.estimators.base.Estimator.control_terms`: the per-index term is
+    boxed as in :func:`_control_term`; the shared term is added as it is."""
+    downstream = _downstream_cost(run, node, groups)
+    ctx = ControlContext(node.name, node.sample_dim, run.args, run.kwargs)
+    if node.estimator.needs_live_costs:
+        ctx.live_cost, ctx.live_total = _live_downstream_cost(run, node, groups)
+    per_index, shared = node.estimator.control_terms(node.fn, node.state, downstream, ctx)
+    before = prefix(node.ordinal, node.seq, node.index)
+    if before is not None:
+        per_index = per_index * boxes(before)
+    return per_index, shared
+
+
+def _live_downstream_cost(
+    run: Run, node: Node, groups: List[_Group]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""The downstream cost :math:`D_z` without detaching it, each cost group times the
+    magic box of the score terms of the sites between the node and the cost (so its
+    gradient estimates that of :math:`\mathbb{E}[D_z \mid z]`): on the node's batch shape,
+    and summed over the node's plates (each cost once)."""
+    later = run.nodes[node.index + 1:]
+    for other in later:
+        if other.estimator.has_control_term and node.own_frame in other.ordinal:
+            raise StorchError(
+                f"site '{other.name}' depends on the relaxed values of site '{node.name}' "
+                f"({type(node.estimator).__name__}), whose control variate differentiates the "
+                f"downstream cost through them; the gradient of '{other.name}''s estimator "
+                f"{type(other.estimator).__name__} lives in a control term that this does not "
+                f"see. Give '{other.name}' a score-function or pathwise estimator."
+            )
+    shape = node.log_prob.shape
+    rank = len(shape)
+    plate_dims = [
+        key[1] for key in node.ordinal
+        if key[1] is not None and not key[0].startswith(SAMPLE_FRAME_PREFIX)
+    ]
+    per_index = shared = None
+    for group in groups:
+        if group.n_before <= node.index or not _compatible(node.seq, group.seq):
+            continue
+        value = group.value
+        scores = None
+        for other in later:
+            if other.index >= group.n_before:
+                break
+            if other.score is not None and _compatible(other.seq, group.seq):
+                score = other.score
+                if other.own_frame is not None and other.own_frame not in group.ordinal:
+                    weight = run.frame_weights[other.own_frame]  # as in _ScorePrefix
+                    if isinstance(weight, torch.Tensor):
+                        score = score * weight.detach()
+                score = _sum_except(score, _shared_dims(other.ordinal, group.ordinal))
+                scores = score if scores is None else scores + score
+        if scores is not None:
+            value = magic_box(scores) * value
+        weight = run.weight_of(group.ordinal - node.ordinal)
+        if isinstance(weight, torch.Tensor):
+            value = value * weight
+        reduced = _sum_except(value, _shared_dims(group.ordinal, node.ordinal))
+        if reduced.dim() > rank:
+            reduced = reduced.reshape(reduced.shape[reduced.dim() - rank:])
+        if not isinstance(weight, torch.Tensor) and weight != 1.0:
+            reduced = reduced * weight
+        dims = [d for d in plate_dims if reduced.dim() >= -d and reduced.shape[d] != 1]
+        summed = reduced.sum(dims, keepdim=True) if dims else reduced
+        per_index = reduced if per_index is None else per_index + reduced
+        shared = summed if shared is None else shared + summed
+    if per_index is None:
+        zero = node.log_prob.new_zeros(shape)
+        return zero, zero
+    shared_shape = list(shape)
+    for dim in plate_dims:
+        if rank >= -dim:
+            shared_shape[dim] = 1
+    return per_index.expand(shape), shared.expand(shared_shape)
 
 
 def _downstream_cost(run: Run, node: Node, groups: List[_Group]) -> torch.Tensor:
@@ -234,6 +322,45 @@ def _baseline_term(
         fit = (baseline - downstream).pow(2)
         term = term + (fit - fit.detach())
     return term
+
+
+def backward_with_variance(
+    surrogate: torch.Tensor, nodes: List[Node], retain_graph: Optional[bool] = None
+) -> None:
+    r"""Backpropagates ``surrogate``, except into the control-variate parameters of
+    ``nodes`` (REBAR's :math:`\eta, \lambda`, RELAX's and LAX's :math:`\phi`): their
+    gradient is that of the variance objective
+    :math:`\sum \hat g^2`, :math:`\hat g = \partial \mathcal{S} / \partial \vartheta`
+    for the nodes' distribution parameters :math:`\vartheta`
+    (:meth:`~storch_pyro.estimators.base.Estimator.variance_parameters`), i.e.
+    :math:`\mathbb{E}[2\hat g\,\partial_\phi \hat g] = \partial_\phi \mathbb{E}[\hat g^2]`
+    (Tucker et al. 2017, Grathwohl et al. 2018). The surrogate's own gradient for those
+    parameters has no meaning and is dropped."""
+    targets: Dict[int, torch.Tensor] = {}
+    params: Dict[int, torch.Tensor] = {}
+    for node in nodes:
+        node_targets, node_params = node.estimator.variance_parameters(node.state)
+        targets.update((id(t), t) for t in node_targets if t.requires_grad)
+        params.update((id(p), p) for p in node_params if p.requires_grad)
+    if not params:
+        surrogate.backward(retain_graph=retain_graph)
+        return
+    leaves = list(params.values())
+    variance = None
+    if targets:
+        grads = torch.autograd.grad(
+            surrogate, list(targets.values()), create_graph=True, allow_unused=True
+        )
+        variance = sum(g.pow(2).sum() for g in grads if g is not None)
+    saved = [None if p.grad is None else p.grad.clone() for p in leaves]
+    surrogate.backward(retain_graph=True if variance is not None else retain_graph)
+    for param, grad in zip(leaves, saved):
+        param.grad = grad
+    if isinstance(variance, torch.Tensor) and variance.requires_grad:
+        grads = torch.autograd.grad(variance, leaves, allow_unused=True)
+        for param, grad in zip(leaves, grads):
+            if grad is not None:
+                param.grad = grad if param.grad is None else param.grad + grad
 
 
 def raise_if_not_finite(run: Run) -> None:

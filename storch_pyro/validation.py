@@ -69,8 +69,13 @@ class PyroChecks:
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
                 continue
-            value = self.run.density_values.get(name, site["value"])
-            site["log_prob"] = site["fn"].log_prob(value)
+            owner = self.run.density_owners.get(name)  # an estimator's own log-density
+            if owner is not None:
+                log_prob = owner[0].log_density(site["fn"], site["value"], owner[1])
+            else:
+                value = self.run.density_values.get(name, site["value"])
+                log_prob = site["fn"].log_prob(value)
+            site["log_prob"] = log_prob
             check_site_shape(site, self.max_plate_nesting)
 
 

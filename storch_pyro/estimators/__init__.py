@@ -2,6 +2,7 @@
 
 from storch_pyro.estimators.antithetic import ARM, DisARM
 from storch_pyro.estimators.base import Estimator, working_estimators
+from storch_pyro.estimators.control_variates import LAX, REBAR, RELAX
 from storch_pyro.estimators.enumeration import Enumerate, SumAndSample
 from storch_pyro.estimators.pathwise import Pathwise
 from storch_pyro.estimators.relaxation import GumbelSoftmax, StraightThrough
@@ -14,7 +15,10 @@ __all__ = [
     "Enumerate",
     "Estimator",
     "GumbelSoftmax",
+    "LAX",
     "Pathwise",
+    "REBAR",
+    "RELAX",
     "ScoreFunction",
     "StraightThrough",
     "SumAndSample",

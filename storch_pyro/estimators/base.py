@@ -1,11 +1,37 @@
 """The :class:`Estimator` base class shared by every gradient estimator."""
 
-from typing import Any, ClassVar, List, Optional, Tuple, Type
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 from torch.distributions import Distribution
 
 from storch_pyro.errors import UnsupportedDistributionError
+
+
+@dataclass
+class ControlContext:
+    """What :meth:`Estimator.control_terms` may look at, besides the detached downstream cost.
+
+    :ivar site: the site's name (to name its parameters in the param store).
+    :ivar sample_dim: the (negative) dim of the site's own samples, or ``None``.
+    :ivar args: positional arguments of the model/guide the site lives in.
+    :ivar kwargs: keyword arguments of the model/guide.
+    :ivar live_cost: with :attr:`Estimator.needs_live_costs`: the downstream cost
+        :math:`D_z` NOT detached (a function of the values drawn at the site, their
+        parameters, and, through magic boxes, the score terms of later sites), on the site's
+        batch shape like the detached one.
+    :ivar live_total: the same costs summed over the site's plates (each cost counted once:
+        dims of size 1 there), for pathwise terms that must not count a cost shared by the
+        indices of a plate once per index.
+    """
+
+    site: str
+    sample_dim: Optional[int]
+    args: Tuple[Any, ...] = ()
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    live_cost: Optional[torch.Tensor] = None
+    live_total: Optional[torch.Tensor] = None
 
 
 class Estimator:
@@ -36,6 +62,14 @@ class Estimator:
     has_score: ClassVar[bool] = True
     #: Whether :meth:`control_term` adds to the surrogate.
     has_control_term: ClassVar[bool] = False
+    #: Whether the surrogate calls :meth:`control_terms` (with a :class:`ControlContext`)
+    #: rather than :meth:`control_term`.
+    uses_control_context: ClassVar[bool] = False
+    #: Whether :class:`ControlContext` must carry the undetached downstream costs.
+    needs_live_costs: ClassVar[bool] = False
+    #: Whether ``StorchELBO.loss_and_grads`` trains parameters of this estimator by the
+    #: variance of the gradient estimate (:meth:`variance_parameters`).
+    trains_control_variate: ClassVar[bool] = False
     #: Whether a baseline from :mod:`storch_pyro.baselines` may be added to the score term
     #: (not where the estimator has a built-in one).
     accepts_baseline: ClassVar[bool] = True
@@ -90,6 +124,21 @@ class Estimator:
         by default."""
         return log_prob
 
+    def log_density(
+        self, fn: Distribution, value: torch.Tensor, state: Any
+    ) -> Optional[torch.Tensor]:
+        """The site's log-density at ``value`` for ``fn`` (the guide's or the model's
+        distribution at this site), where it is not ``fn.log_prob(density_value(...))``
+        (e.g. a log-density continuous in a relaxed value); ``None`` for that default."""
+        return None
+
+    def draw_site(
+        self, site: str, fn: Distribution, sample_shape: Tuple[int, ...]
+    ) -> Tuple[torch.Tensor, Any]:
+        """:meth:`draw` at the named site (estimators with per-site parameters use the
+        name)."""
+        return self.draw(fn, sample_shape)
+
     def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]) -> Tuple[torch.Tensor, Any]:
         """Draws the site's value, with ``sample_shape`` (``(sample_size, 1, ...)`` or
         ``()``) prepended to ``fn``'s shape. Returns the value and any state
@@ -113,6 +162,22 @@ class Estimator:
         samples (with their weights) and event dims, not over plates or upstream sample
         dims: the loss weights and sums those."""
         raise NotImplementedError
+
+    def control_terms(
+        self, fn: Distribution, state: Any, downstream_cost: torch.Tensor, ctx: ControlContext
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """With :attr:`uses_control_context`: the zero-valued terms ``(per_index, shared)``.
+        ``per_index`` is as for :meth:`control_term` (the loss multiplies it by
+        the magic box of upstream score terms); ``shared`` (or ``None``) is added as it is,
+        summed once (first-order terms that span the indices of the site's plates)."""
+        raise NotImplementedError
+
+    def variance_parameters(self, state: Any) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        r"""With :attr:`trains_control_variate`: ``(targets, params)``. ``loss_and_grads``
+        sets the gradient of each of ``params`` (leaf tensors) to that of
+        :math:`\sum \hat g^2`, where :math:`\hat g` is the gradient estimate w.r.t.
+        ``targets`` (the site's distribution parameters), instead of the surrogate's."""
+        return [], []
 
     def check(self, site: str, fn: Distribution) -> None:
         """Raises :class:`UnsupportedDistributionError` unless :meth:`supports` ``fn``."""

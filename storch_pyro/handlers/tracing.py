@@ -100,6 +100,8 @@ class Run:
         self.guide_values: Dict[str, torch.Tensor] = {}
         #: Where a relaxed value stands in for a discrete one: the value densities see.
         self.density_values: Dict[str, torch.Tensor] = {}
+        #: Sites whose estimator computes their log-densities itself: (estimator, state).
+        self.density_owners: Dict[str, Tuple[Estimator, Any]] = {}
         self.guide_latents: List[str] = []
         self.model_latents: List[str] = []
         self.model_names: set = set()
@@ -246,7 +248,7 @@ class StorchMessenger(Messenger):
                     f"dims; squeeze its leading dims of size 1."
                 )
             sample_shape = (k,) + (1,) * (room - batch_rank)
-        msg["value"], state = estimator.draw(fn, sample_shape)
+        msg["value"], state = estimator.draw_site(name, fn, sample_shape)
         msg["done"] = True
         self._pending[name] = (estimator, baseline, sample_dim, own_frame, state)
 
@@ -264,34 +266,48 @@ class StorchMessenger(Messenger):
             return
         pending = self._pending.pop(name, None)
         stack = msg["cond_indep_stack"]
+        log_prob = None
+        density_value = value
         if pending is not None:
-            density_value = pending[0].density_value(fn, value, pending[4])
-            if density_value is not value:
-                run.density_values[name] = density_value
+            log_prob = pending[0].log_density(fn, value, pending[4])
+            if log_prob is not None:
+                run.density_owners[name] = (pending[0], pending[4])
+            else:
+                density_value = pending[0].density_value(fn, value, pending[4])
+                if density_value is not value:
+                    run.density_values[name] = density_value
         else:
             density_value = run.density_values.get(name, value) if self.role == "model" else value
-        try:
-            log_prob = fn.log_prob(density_value)
-        except ValueError as error:  # as poutine.trace reports it, naming the site
-            raise ValueError(
-                f"Error while computing log_prob at site '{name}':\n{error}\nCheck that the "
-                f"value (observed data, or the guide's sample) is in the support of the "
-                f"site's distribution, with a shape that broadcasts to its batch shape."
-            ) from error
+            owner = run.density_owners.get(name) if self.role == "model" else None
+            if owner is not None:
+                log_prob = owner[0].log_density(fn, value, owner[1])
+        owned = log_prob is not None  # an estimator's own log-density (it handles masks)
+        if not owned:
+            try:
+                log_prob = fn.log_prob(density_value)
+            except ValueError as error:  # as poutine.trace reports it, naming the site
+                raise ValueError(
+                    f"Error while computing log_prob at site '{name}':\n{error}\nCheck that "
+                    f"the value (observed data, or the guide's sample) is in the support of "
+                    f"the site's distribution, with a shape that broadcasts to its batch shape."
+                ) from error
         masked = scale_and_mask(log_prob, 1.0, msg["mask"])
         if pending is not None:
             estimator, baseline, sample_dim, own_frame, state = pending
             # A mask removes log-density terms from the costs, never the expectation over
             # the site: the score term and sample weights use the unmasked density (as
             # Pyro's ScoreParts.scale_and_mask leaves score_function unmasked).
-            unmasked = _unmasked_log_prob(fn, density_value, log_prob)
+            unmasked = log_prob if owned else _unmasked_log_prob(fn, density_value, log_prob)
             if own_frame is not None:
                 weights = estimator.sample_weights(fn, value, unmasked, state)
                 if weights is not None:
                     run.frame_weights[own_frame] = weights
-                    run.frame_plates[own_frame] = frozenset(
+                    varying = frozenset(
                         (f.name, f.dim, f.counter) for f in stack if f.dim is not None
+                        and weights.dim() >= -f.dim and weights.shape[f.dim] > 1
                     )
+                    if varying:
+                        run.frame_plates[own_frame] = varying
             ordinal, seq, weight = run.frames_of(log_prob, stack, name)
             if self.role == "guide":
                 run.guide_values[name] = value
