@@ -121,7 +121,11 @@ class _Network:
 
     def __call__(self, prefix: str, ctx: ControlContext, z: torch.Tensor,
                  expected: torch.Size, state: _Draw) -> torch.Tensor:
-        module = pyro.module(self.name or f"{prefix}.{ctx.site}", self.module)
+        # update_module_params: after pyro.get_param_store().load the network must compute
+        # with (and train) the loaded tensors, not its own initial ones (checkpoint/resume)
+        module = pyro.module(
+            self.name or f"{prefix}.{ctx.site}", self.module, update_module_params=True
+        )
         known = {id(p) for p in state.params}
         state.params.extend(
             p for p in module.parameters() if p.requires_grad and id(p) not in known
