@@ -5,8 +5,8 @@ fixed seed, writes a checkpoint after ``SAVE_AT`` of them (param store, optimize
 state) and the final param store at the end; ``python -m tests.checkpoint_run resume STEPS
 SAVE_AT DIR`` starts a fresh process from that checkpoint and trains the remaining steps.
 The guide uses every kind of estimator state: a moving-average baseline, a learned
-baseline network, Pyro's decaying-average annotation, and a GumbelSoftmax temperature
-schedule.
+baseline network, Pyro's decaying-average annotation, a GumbelSoftmax temperature
+schedule, and RELAX's control-variate network with its REBAR term's eta and temperature.
 """
 
 import math
@@ -26,12 +26,24 @@ DATA = torch.tensor([0.4, -1.1, 2.3, 0.7])
 LOCS = torch.tensor([-1.0, 0.5, 2.0])
 
 
+class Pointwise(torch.nn.Module):
+    """A control variate for a Bernoulli in a plate: one value per element."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(1, 1)
+
+    def forward(self, z):
+        return self.linear(z.unsqueeze(-1)).squeeze(-1)
+
+
 def build():
     """The model, guide and optimizer; built after seeding, identically in every process."""
     net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Flatten(0))
     learned = baselines.Learned(net, input_fn=lambda x: x.unsqueeze(-1))
     gumbel = estimators.GumbelSoftmax(lambda step: max(0.3, 2.0 * math.exp(-0.2 * step)))
     moving = estimators.ScoreFunction(baseline=baselines.MovingAverage(0.8))
+    relax = estimators.RELAX(Pointwise(), rebar_term=True)
 
     def model(x):
         with pyro.plate("data", len(x)):
@@ -39,13 +51,15 @@ def build():
             k = pyro.sample("k", dist.OneHotCategorical(torch.ones(3) / 3))
             c = pyro.sample("c", dist.Bernoulli(0.6))
             d = pyro.sample("d", dist.Bernoulli(0.5))
-            pyro.sample("x", dist.Normal(b + k @ LOCS + c - d, 1.0), obs=x)
+            e = pyro.sample("e", dist.Bernoulli(0.4))
+            pyro.sample("x", dist.Normal(b + k @ LOCS + c - d + e, 1.0), obs=x)
 
     def guide(x):
         b_logits = pyro.param("b_logits", torch.zeros(len(x)))
         k_logits = pyro.param("k_logits", torch.zeros(len(x), 3))
         c_logits = pyro.param("c_logits", torch.zeros(len(x)))
         d_logits = pyro.param("d_logits", torch.zeros(len(x)))
+        e_logits = pyro.param("e_logits", torch.zeros(len(x)))
         with pyro.plate("data", len(x)):
             storch.sample("b", dist.Bernoulli(logits=b_logits), estimator=moving)
             storch.sample("k", dist.OneHotCategorical(logits=k_logits), estimator=gumbel)
@@ -60,6 +74,7 @@ def build():
                 estimator=estimators.ScoreFunction(),
                 baseline=learned,
             )
+            storch.sample("e", dist.Bernoulli(logits=e_logits), estimator=relax)
 
     optimizer = pyro.optim.Adam({"lr": 0.05})
     return model, guide, optimizer

@@ -43,6 +43,9 @@ def test_resume_in_fresh_process_gives_the_uninterrupted_run(tmp_path):
         "__baseline_avg_downstream_cost_c",
         "storch_pyro.baseline.d$$$0.weight",
         "storch_pyro.estimator.k.step",
+        "storch_pyro.relax.e$$$linear.weight",
+        "storch_pyro.relax.e.eta",
+        "storch_pyro.relax.e.temperature",
     }
     assert expected_state <= set(full), sorted(full)
     assert set(resumed) == set(full)
@@ -166,6 +169,10 @@ TRAINED_ESTIMATORS = {
     ],
     "StraightThrough": [(estimators.StraightThrough, _bernoulli_site)],
     "UnorderedSet": [(lambda: estimators.UnorderedSet(2), _onehot_site)],
+    "REBAR": [(estimators.REBAR, _bernoulli_site)],
+    "RELAX": [(lambda: estimators.RELAX(checkpoint_run.Pointwise(), rebar_term=True),
+               _bernoulli_site)],
+    "LAX": [(lambda: estimators.LAX(checkpoint_run.Pointwise()), _normal_site)],
 }
 
 
@@ -186,7 +193,8 @@ def _reachable(obj, path="", seen=None):
     elif isinstance(obj, dict):
         for key, item in obj.items():
             yield from _reachable(item, f"{path}[{key!r}]", seen)
-    elif isinstance(obj, (estimators.Estimator, baselines.Baseline)):
+    elif type(obj).__module__.startswith("storch_pyro") and hasattr(obj, "__dict__"):
+        # estimators, baselines and their helpers (e.g. a control-variate network holder)
         for name, item in vars(obj).items():
             if isinstance(item, (int, float, str, bool, type(None))):
                 yield f"{path}.{name}", item
