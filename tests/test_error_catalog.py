@@ -288,6 +288,63 @@ def _observation_out_of_support():
     _elbo_step(model)
 
 
+class _PerElementColumn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(1, 1)
+
+    def forward(self, z):
+        return self.linear(z.unsqueeze(-1))  # (..., 1): a trailing dim too many
+
+
+def _control_variate_shape():
+    def model():
+        logits = pyro.param("logits", torch.zeros(3))
+        with pyro.plate("data", 3):
+            b = storch.sample(
+                "b", dist.Bernoulli(logits=logits),
+                estimator=estimators.RELAX(_PerElementColumn()),
+            )
+            storch.add_cost("c", b)
+
+    _elbo_step(model)
+
+
+def _control_term_below_relaxed():
+    def model():
+        logits = pyro.param("logits", torch.zeros(()))
+        a = storch.sample("a", dist.Bernoulli(logits=logits), estimator=estimators.REBAR())
+        b = storch.sample(
+            "b", dist.Bernoulli(logits=logits + a), estimator=estimators.ARM()
+        )
+        storch.add_cost("c", a + b)
+
+    _elbo_step(model)
+
+
+def _lax_on_discrete():
+    def model():
+        logits = pyro.param("logits", torch.zeros(()))
+        b = storch.sample(
+            "b", dist.Bernoulli(logits=logits),
+            estimator=estimators.LAX(_PerElementColumn()),
+        )
+        storch.add_cost("c", b)
+
+    _elbo_step(model)
+
+
+def _relaxed_density_family():
+    def model():
+        pyro.sample("b", dist.Normal(0.0, 1.0))
+
+    def guide():
+        logits = pyro.param("logits", torch.zeros(()))
+        storch.sample("b", dist.Bernoulli(logits=logits), estimator=estimators.REBAR())
+
+    _elbo_step(model, guide)
+
+
 def _temperature_schedule():
     estimator = estimators.GumbelSoftmax(lambda step: 1.0 - step)
 
@@ -396,6 +453,18 @@ ENTRIES = {
     ),
     "log-prob-error": Entry(
         _observation_out_of_support, ValueError, "'coin'", "is in the support of the site's"
+    ),
+    "control-variate-shape": Entry(
+        _control_variate_shape, StorchError, "'b'", "squeeze a trailing dim of size 1"
+    ),
+    "control-term-below-relaxed": Entry(
+        _control_term_below_relaxed, StorchError, "'b'", "Give 'b' a score-function"
+    ),
+    "lax-on-discrete": Entry(
+        _lax_on_discrete, UnsupportedDistributionError, "'b'", "For discrete sites use"
+    ),
+    "relaxed-density-family": Entry(
+        _relaxed_density_family, StorchError, "'b'", "Use the same family in both"
     ),
     "temperature-schedule": Entry(
         _temperature_schedule, ValueError, "'z'", "make it return a value > 0"

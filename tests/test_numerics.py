@@ -54,6 +54,8 @@ ESTIMATORS = {
     "sum-and-sample": (lambda: estimators.SumAndSample(2), _onehot),
     "unordered-set-onehot": (lambda: estimators.UnorderedSet(2), _onehot),
     "unordered-set-bernoulli": (lambda: estimators.UnorderedSet(2), _bernoulli),
+    "rebar-bernoulli": (estimators.REBAR, _bernoulli),
+    "rebar-onehot": (estimators.REBAR, _onehot),
     "gumbel-soft-bernoulli": (lambda: estimators.GumbelSoftmax(0.5), _bernoulli),
     "gumbel-soft-onehot": (lambda: estimators.GumbelSoftmax(0.1), _onehot),
     "gumbel-hard-onehot": (lambda: estimators.GumbelSoftmax(0.5, hard=True), _onehot),
