@@ -14,7 +14,12 @@ from pyro.poutine.subsample_messenger import _Subsample
 
 from storch_pyro.errors import NonFiniteCostError
 from storch_pyro.estimators.base import Estimator
-from storch_pyro.handlers.tracing import NeedsPlateNesting, Run, StorchMessenger
+from storch_pyro.handlers.tracing import (
+    NeedsPlateNesting,
+    Run,
+    StorchMessenger,
+    resolve_site,
+)
 from storch_pyro.surrogate import expected_cost, raise_if_not_finite, surrogate_loss
 
 
@@ -186,10 +191,11 @@ class StorchELBO(ELBO):
         return self._run(model, guide, args, kwargs)
 
     def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
-        """Sets ``max_plate_nesting`` from one plain run: the deepest plate dim, or the
-        largest batch rank of any site or cost if that is larger (so sample dims never
-        collide with undeclared batch dims). Like Pyro's, this run draws random numbers."""
-        probe = _NestingProbe()
+        """Sets ``max_plate_nesting`` from one run without sample dims: the deepest plate
+        dim, or the largest batch rank of any site or cost if that is larger (so sample dims
+        never collide with undeclared batch dims). Like Pyro's, this run draws random
+        numbers."""
+        probe = _NestingProbe(self.default_estimator)
         with poutine.block():
             if guide is None:
                 with probe:
@@ -204,11 +210,22 @@ class StorchELBO(ELBO):
 
 
 class _NestingProbe(Messenger):
-    """Records the deepest plate dim and the largest batch rank of sites and costs."""
+    """Records the deepest plate dim and the largest batch rank of sites and costs. Draws
+    each latent site's value as its estimator would hand it to the program (e.g. one-hot
+    for a relaxed Categorical), without sample dims."""
 
-    def __init__(self) -> None:
+    def __init__(self, default_estimator: Optional[Estimator]) -> None:
         super().__init__()
+        self.default_estimator = default_estimator
         self.nesting = 0
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["is_observed"] or msg["done"] or type(msg["fn"]) is _Subsample:
+            return
+        estimator, _ = resolve_site(msg, self.default_estimator)
+        estimator.check(msg["name"], msg["fn"])
+        msg["value"] = estimator.example_value(msg["fn"])
+        msg["done"] = True
 
     def _postprocess_message(self, msg) -> None:
         if msg["type"] == "sample" and type(msg["fn"]) is not _Subsample:

@@ -22,7 +22,6 @@ sites costs a few tensor ops.
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
-from pyro.distributions.util import scale_and_mask
 
 from storch_pyro.baselines import BaselineContext
 from storch_pyro.errors import NonFiniteCostError, StorchError
@@ -153,7 +152,6 @@ def _control_term(run: Run, node: Node, groups: List[_Group], prefix, boxes) -> 
     (so that, as for baselines, the upstream score terms see it at higher orders)."""
     downstream = _downstream_cost(run, node, groups)
     term = node.estimator.control_term(node.fn, node.state, node.sample_dim, downstream)
-    term = scale_and_mask(term, 1.0, node.mask)
     before = prefix(node.ordinal, node.seq, node.index)
     if before is not None:
         term = term * boxes(before)

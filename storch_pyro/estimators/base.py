@@ -93,6 +93,13 @@ class Estimator:
         :meth:`control_term` needs later (e.g. the uniform noise)."""
         raise NotImplementedError
 
+    def example_value(self, fn: Distribution) -> torch.Tensor:
+        """One value shaped and typed like those the site receives, without a sample dim
+        and without side effects on the estimator: what :class:`~storch_pyro.StorchELBO`
+        hands the program when it probes for ``max_plate_nesting``. ``fn.sample()`` by
+        default."""
+        return fn.sample()
+
     def control_term(
         self, fn: Distribution, state: Any, sample_dim: Optional[int],
         downstream_cost: torch.Tensor,

@@ -52,6 +52,12 @@ class _Relaxation(Estimator):
     def _unsupported_reason(self, fn: Distribution) -> str:
         return " (it needs a Bernoulli, Categorical or OneHotCategorical)"
 
+    def example_value(self, fn: Distribution) -> torch.Tensor:
+        kind, logits = discrete_base(fn)
+        if kind != "categorical":
+            return fn.sample()
+        return F.one_hot(fn.sample(), logits.shape[-1]).to(logits.dtype)
+
     def density_value(self, fn, value, state):
         kind, hard = state
         return hard.argmax(-1) if kind == "categorical" else hard

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
+from pyro.distributions import Independent, MaskedDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK, Message
@@ -55,7 +56,6 @@ class Node:
     baseline: Optional[Baseline]
     fn: Any
     state: Any
-    mask: Any
     sample_dim: Optional[int]
     own_frame: Optional[FrameKey]
     weight: Any
@@ -201,7 +201,7 @@ class StorchMessenger(Messenger):
                 return
         if msg["is_observed"] or msg["done"] or type(msg["fn"]) is _Subsample:
             return
-        estimator, baseline = self._resolve(msg)
+        estimator, baseline = resolve_site(msg, self.run.default_estimator)
         fn = msg["fn"]
         estimator.check(name, fn)
         k = estimator.sample_size(fn)
@@ -224,66 +224,6 @@ class StorchMessenger(Messenger):
         msg["value"], state = estimator.draw(fn, sample_shape)
         msg["done"] = True
         self._pending[name] = (estimator, baseline, sample_dim, own_frame, state)
-
-    def _resolve(self, msg: Message) -> Tuple[Estimator, Optional[Baseline]]:
-        """The site's estimator and baseline, by the precedence rules of
-        :func:`storch_pyro.handlers.estimator` and :func:`storch_pyro.handlers.baseline`."""
-        configs = [h for h in reversed(_PYRO_STACK) if isinstance(h, _SiteConfigMessenger)]
-        for handler in configs:
-            handler.drawn.add(msg["name"])
-        options = msg["infer"].get(INFER_KEY)
-        estimator = options.estimator if options is not None else None
-        baseline = options.baseline if options is not None else None
-        explicit_baseline = baseline is not None
-        if estimator is None:
-            for handler in configs:
-                if type(handler) is EstimatorMessenger:
-                    estimator = handler.lookup(msg)
-                    if estimator is not None:
-                        break
-        if estimator is None:
-            estimator = self.run.default_estimator
-        if estimator is None:
-            estimator = (
-                _DEFAULT_PATHWISE if msg["fn"].has_rsample else _DEFAULT_SCORE_FUNCTION
-            )
-        if baseline is None:
-            baseline = estimator.baseline
-            explicit_baseline = baseline is not None
-        if baseline is None and "baseline" in msg["infer"]:
-            # Like TraceGraph_ELBO, ignore the annotation where there is no score term.
-            baseline = self._annotated_baseline(msg)
-        if baseline is None:
-            for handler in configs:
-                if type(handler) is BaselineMessenger:
-                    baseline = handler.lookup(msg)
-                    if baseline is not None:
-                        explicit_baseline = isinstance(handler.config, dict)
-                        break
-        if baseline is not None:
-            if not estimator.has_score:
-                if explicit_baseline:
-                    raise StorchError(
-                        f"site '{msg['name']}': a baseline applies to score-function terms, "
-                        f"but its estimator {type(estimator).__name__} has none. Remove the "
-                        f"baseline or use e.g. ScoreFunction."
-                    )
-                baseline = None
-            else:
-                baseline.check(msg["name"], estimator.n_samples)
-        return estimator, baseline
-
-    def _annotated_baseline(self, msg: Message) -> Optional[Baseline]:
-        options = msg["infer"]["baseline"]
-        if not options:
-            return None
-        name = msg["name"]
-        # Rebuilt each step: nn_baseline_input and baseline_value change with the data.
-        baseline = _PyroAnnotation(name, dict(options))
-        if not (baseline.use_average or baseline.nn_baseline is not None
-                or baseline.value is not None):
-            return None
-        return baseline
 
     # ---- recording -----------------------------------------------------------------------
     def _pyro_post_sample(self, msg: Message) -> None:
@@ -309,8 +249,12 @@ class StorchMessenger(Messenger):
         masked = scale_and_mask(log_prob, 1.0, msg["mask"])
         if pending is not None:
             estimator, baseline, sample_dim, own_frame, state = pending
+            # A mask removes log-density terms from the costs, never the expectation over
+            # the site: the score term and sample weights use the unmasked density (as
+            # Pyro's ScoreParts.scale_and_mask leaves score_function unmasked).
+            unmasked = _unmasked_log_prob(fn, density_value, log_prob)
             if own_frame is not None:
-                weights = estimator.sample_weights(fn, value, log_prob, state)
+                weights = estimator.sample_weights(fn, value, unmasked, state)
                 if weights is not None:
                     run.frame_weights[own_frame] = weights
                     run.frame_plates[own_frame] = frozenset(
@@ -325,10 +269,10 @@ class StorchMessenger(Messenger):
             if estimator.has_score or estimator.has_control_term:
                 score = None
                 if estimator.has_score:
-                    score = estimator.score_term(fn, value, masked, state)
+                    score = estimator.score_term(fn, value, unmasked, state)
                 run.nodes.append(
                     Node(name, score, masked, ordinal, seq, len(run.nodes), estimator,
-                         baseline, fn, state, msg["mask"], sample_dim, own_frame, weight)
+                         baseline, fn, state, sample_dim, own_frame, weight)
                 )
             if self.role == "scg":
                 return
@@ -359,6 +303,86 @@ class StorchMessenger(Messenger):
         self.run.costs.append(
             Cost(name, value, sign, ordinal, seq, len(self.run.nodes), weight)
         )
+
+
+def resolve_site(
+    msg: Message, default_estimator: Optional[Estimator]
+) -> Tuple[Estimator, Optional[Baseline]]:
+    """The site's estimator and baseline, by the precedence rules of
+    :func:`storch_pyro.handlers.estimator` and :func:`storch_pyro.handlers.baseline`."""
+    configs = [h for h in reversed(_PYRO_STACK) if isinstance(h, _SiteConfigMessenger)]
+    for handler in configs:
+        handler.drawn.add(msg["name"])
+    options = msg["infer"].get(INFER_KEY)
+    estimator = options.estimator if options is not None else None
+    baseline = options.baseline if options is not None else None
+    explicit_baseline = baseline is not None
+    if estimator is None:
+        for handler in configs:
+            if type(handler) is EstimatorMessenger:
+                estimator = handler.lookup(msg)
+                if estimator is not None:
+                    break
+    if estimator is None:
+        estimator = default_estimator
+    if estimator is None:
+        estimator = (
+            _DEFAULT_PATHWISE if msg["fn"].has_rsample else _DEFAULT_SCORE_FUNCTION
+        )
+    if baseline is None:
+        baseline = estimator.baseline
+        explicit_baseline = baseline is not None
+    if baseline is None and "baseline" in msg["infer"]:
+        # Like TraceGraph_ELBO, ignore the annotation where there is no score term.
+        baseline = _annotated_baseline(msg)
+    if baseline is None:
+        for handler in configs:
+            if type(handler) is BaselineMessenger:
+                baseline = handler.lookup(msg)
+                if baseline is not None:
+                    explicit_baseline = isinstance(handler.config, dict)
+                    break
+    if baseline is not None:
+        if not estimator.has_score:
+            if explicit_baseline:
+                raise StorchError(
+                    f"site '{msg['name']}': a baseline applies to score-function terms, "
+                    f"but its estimator {type(estimator).__name__} has none. Remove the "
+                    f"baseline or use e.g. ScoreFunction."
+                )
+            baseline = None
+        else:
+            baseline.check(msg["name"], estimator.n_samples)
+    return estimator, baseline
+
+def _annotated_baseline(msg: Message) -> Optional[Baseline]:
+    options = msg["infer"]["baseline"]
+    if not options:
+        return None
+    name = msg["name"]
+    # Rebuilt each step: nn_baseline_input and baseline_value change with the data.
+    baseline = _PyroAnnotation(name, dict(options))
+    if not (baseline.use_average or baseline.nn_baseline is not None
+            or baseline.value is not None):
+        return None
+    return baseline
+
+
+def _unmasked_log_prob(fn, value: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
+    """``log_prob`` of ``fn`` at ``value`` without the masks of any
+    :class:`~pyro.distributions.MaskedDistribution` in ``fn`` (``fn.mask(...)``), reusing
+    ``log_prob`` when ``fn`` has none."""
+    unmasked = _without_masks(fn)
+    return log_prob if unmasked is fn else unmasked.log_prob(value)
+
+
+def _without_masks(fn):
+    if isinstance(fn, MaskedDistribution):
+        return _without_masks(fn.base_dist)
+    if isinstance(fn, Independent):
+        base = _without_masks(fn.base_dist)
+        return fn if base is fn.base_dist else Independent(base, fn.reinterpreted_batch_ndims)
+    return fn
 
 
 def _reduce_to_frames(value: torch.Tensor, stack, run: Run) -> torch.Tensor:
