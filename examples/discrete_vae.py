@@ -175,7 +175,7 @@ def main(argv=None) -> None:
     )
     curves = {"train (minibatch)": [], "test": []}
     test_steps = []
-    eval_every = max(1, args.steps // 20)
+    eval_every = args.steps if args.smoke else max(1, args.steps // 20)
     start = time.perf_counter()
     progress = tqdm(range(args.steps), desc=args.estimator, file=sys.stdout,
                     disable=args.smoke, mininterval=1.0)
@@ -194,8 +194,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"{error}\n(this example: ARM and DisARM need --latent bernoulli; "
                          f"Enumerate and SumAndSample --latent categorical --latents 1)")
     seconds = time.perf_counter() - start
-    print(f"{args.steps} steps in {seconds:.1f} s; test negative ELBO "
-          f"{curves['test'][0]:.2f} -> {curves['test'][-1]:.2f} nats per image")
+    print("\n| estimator | baseline | SVI steps | seconds | test neg. ELBO at start | at end |")
+    print("|:--|:--|--:|--:|--:|--:|")
+    print(f"| {estimator!r} | {baseline!r} | {args.steps} | {seconds:.1f} "
+          f"| {curves['test'][0]:.2f} | {curves['test'][-1]:.2f} |\n")
 
     out = output_dir(args.out, "discrete_vae")
     steps = {"train (minibatch)": range(args.steps), "test": test_steps}

@@ -44,7 +44,6 @@ import pyro
 import pyro.distributions as dist
 import torch
 from _common import output_dir, save_curves
-from pyro import poutine
 from torch import nn
 from tqdm import tqdm
 
@@ -99,11 +98,10 @@ def episodes(policy: nn.Module, envs: CartPoles, seed: int,
             infer = {}
             if critic is not None:
                 infer = {"baseline": {"nn_baseline": critic, "nn_baseline_input": state}}
-            # Finished episodes take no more actions: mask their (dummy) action sites.
-            with poutine.mask(mask=envs.alive.clone()):
-                action = storch.sample(
-                    f"action_{t}", dist.Categorical(logits=policy(state)), infer=infer
-                )
+            # A finished episode draws a dummy action from a fixed fair coin: its score
+            # term has no gradient, so neither it nor its baseline adds variance.
+            logits = torch.where(envs.alive[:, None].clone(), policy(state), torch.zeros(2))
+            action = storch.sample(f"action_{t}", dist.Categorical(logits=logits), infer=infer)
             rewards = envs.step(action)
             storch.add_cost(f"reward_{t}", -rewards)
             state = envs.state.clone()
@@ -226,7 +224,8 @@ def main(argv=None) -> None:
     save_curves(smoothed, out / "returns.png",
                 f"CartPole-v1: mean return of the last {WINDOW} episodes", "episodes",
                 "return")
-    print(f"\n'-': not solved within {args.max_updates} updates ({args.max_updates * args.episodes_per_step} episodes). Wrote {out / 'returns.png'}")
+    print(f"\n'-': not solved within {args.max_updates} updates "
+          f"({args.max_updates * args.episodes_per_step} episodes). Wrote {out / 'returns.png'}")
 
 
 if __name__ == "__main__":
