@@ -102,13 +102,21 @@ def save_image_grid(images: torch.Tensor, path: Path, title: str, rows: int) -> 
 def save_curves(
     curves: Dict[str, Sequence[float]], path: Path, title: str, xlabel: str, ylabel: str,
     x: Optional[Dict[str, Sequence[float]]] = None, log_y: bool = False,
+    groups: Optional[Dict[str, str]] = None,
 ) -> None:
-    """Saves one line per entry of ``curves`` (optionally against ``x[name]``)."""
+    """Saves one line per entry of ``curves`` (optionally against ``x[name]``); curves with
+    the same ``groups[name]`` share a colour and one legend entry."""
     plt = pyplot()
     figure, ax = plt.subplots(figsize=(6, 4))
+    colours: Dict[str, str] = {}
     for name, values in curves.items():
         xs = x[name] if x is not None else range(len(values))
-        ax.plot(list(xs), list(values), label=name)
+        group = groups[name] if groups is not None else name
+        first = group not in colours
+        if first:
+            colours[group] = f"C{len(colours) % 10}"
+        ax.plot(list(xs), list(values), color=colours[group], label=group if first else None,
+                linewidth=1.2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log_y:

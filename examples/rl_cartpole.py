@@ -222,8 +222,9 @@ def main(argv=None) -> None:
         for name, r in curves.items()
     }
     save_curves(smoothed, out / "returns.png",
-                f"CartPole-v1: mean return of the last {WINDOW} episodes", "episodes",
-                "return")
+                f"CartPole-v1: mean return of the last {WINDOW} episodes "
+                f"(one line per seed)", "episodes", "return",
+                groups={name: name.split(",")[0] for name in smoothed})
     print(f"\n'-': not solved within {args.max_updates} updates "
           f"({args.max_updates * args.episodes_per_step} episodes). Wrote {out / 'returns.png'}")
 
