@@ -129,11 +129,23 @@ class LeaveOtherEpisodesOut(baselines.Baseline):
         return ((cost * running).sum(-1, keepdim=True) - cost * running) / others
 
 
+class Critic(nn.Module):
+    """:math:`V_\\psi(s)`, a small MLP whose output is scaled to the size of the
+    negative returns (up to -500), so that Adam's small steps can reach them."""
+
+    def __init__(self, scale: float = -100.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 1), nn.Flatten(0))
+        self.scale = scale
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.net(state)
+
+
 def make_networks(seed: int):
     torch.manual_seed(seed)
     policy = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 2))
-    critic = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 1), nn.Flatten(0))
-    return policy, critic
+    return policy, Critic()
 
 
 def train(method: str, seed: int, args) -> List[float]:
