@@ -93,13 +93,10 @@ class StorchELBO(ELBO):
         """The Monte Carlo estimate of the objective (:math:`-\\mathrm{ELBO}`), as a float.
         Leaves baseline state untouched."""
         with torch.no_grad():
-            total = sum(expected_cost(run) for run in self._runs(model, guide, args, kwargs))
-            value = float(total) / self.num_particles
-        if not math.isfinite(value):
-            raise NonFiniteCostError(
-                f"StorchELBO.loss: the loss is {value}; run differentiable_loss under "
-                f"validation to locate the site."
-            )
+            runs = list(self._runs(model, guide, args, kwargs))
+            value = float(sum(expected_cost(run) for run in runs)) / self.num_particles
+            if not math.isfinite(value):
+                _raise_not_finite(runs)
         return value
 
     def differentiable_loss(

@@ -101,10 +101,16 @@ def _add(total: Optional[torch.Tensor], term: torch.Tensor, weight) -> torch.Ten
 
 
 class _ScorePrefix:
-    """:math:`\\sum_{z \\to c} l_z` reduced to a cost's dims, extended incrementally."""
+    """:math:`\\sum_{z \\to c} l_z` reduced to a cost's dims, extended incrementally.
 
-    def __init__(self, nodes: List[Node]) -> None:
-        self.nodes = nodes
+    A node's score is summed over its own sample dim where the cost lacks it, weighted
+    there by the (detached) sample weights when they are not uniform: the cost does not
+    depend on the samples, and :math:`\\sum_i w_i \\nabla l_{z_i}` is what has mean zero
+    for weighted samples (without replacement, or a sampled remainder)."""
+
+    def __init__(self, run: Run) -> None:
+        self.nodes = run.nodes
+        self.frame_weights = run.frame_weights
         self.cache: Dict[FrozenSet, Tuple[int, Optional[torch.Tensor]]] = {}
 
     def __call__(self, ordinal: FrozenSet, seq: tuple, n: int) -> Optional[torch.Tensor]:
@@ -113,7 +119,12 @@ class _ScorePrefix:
             done, total = 0, None
         for node in self.nodes[done:n]:
             if node.score is not None and _compatible(node.seq, seq):
-                score = _sum_except(node.score, _shared_dims(node.ordinal, ordinal))
+                score = node.score
+                if node.own_frame is not None and node.own_frame not in ordinal:
+                    weight = self.frame_weights[node.own_frame]
+                    if isinstance(weight, torch.Tensor):
+                        score = score * weight.detach()
+                score = _sum_except(score, _shared_dims(node.ordinal, ordinal))
                 total = score if total is None else total + score
         self.cache[ordinal] = (n, total)
         return total
@@ -131,7 +142,7 @@ def expected_cost(run: Run) -> torch.Tensor:
 def surrogate_loss(run: Run) -> torch.Tensor:
     """The surrogate :math:`\\mathcal{S}` of one particle; updates baseline state."""
     groups = _group_costs(run)
-    prefix = _ScorePrefix(run.nodes)
+    prefix = _ScorePrefix(run)
     boxes = _Boxes()
     total = None
     for group in groups:
@@ -221,6 +232,14 @@ def _baseline_term(
 def raise_if_not_finite(run: Run) -> None:
     """Raises :class:`NonFiniteCostError` naming the first site of ``run`` whose cost or
     score is not finite; returns if there is none."""
+    for node in run.nodes:
+        weight = run.frame_weights.get(node.own_frame)
+        if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight).all()):
+            raise NonFiniteCostError(
+                f"the sample weights of site '{node.name}' ({node.estimator!r}) are not "
+                f"finite: it drew values of probability zero, e.g. n_samples larger than the "
+                f"number of categories with positive probability. Lower n_samples there."
+            )
     for cost in run.costs:
         if not bool(torch.isfinite(cost.value).all()):
             raise NonFiniteCostError(

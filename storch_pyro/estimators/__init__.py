@@ -6,6 +6,7 @@ from storch_pyro.estimators.enumeration import Enumerate, SumAndSample
 from storch_pyro.estimators.pathwise import Pathwise
 from storch_pyro.estimators.relaxation import GumbelSoftmax, StraightThrough
 from storch_pyro.estimators.score_function import ScoreFunction
+from storch_pyro.estimators.unordered_set import UnorderedSet
 
 __all__ = [
     "ARM",
@@ -17,5 +18,6 @@ __all__ = [
     "ScoreFunction",
     "StraightThrough",
     "SumAndSample",
+    "UnorderedSet",
     "working_estimators",
 ]

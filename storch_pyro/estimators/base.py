@@ -52,6 +52,9 @@ class Estimator:
     has_score: ClassVar[bool] = True
     #: Whether :meth:`control_term` adds to the surrogate.
     has_control_term: ClassVar[bool] = False
+    #: Whether a baseline from :mod:`storch_pyro.baselines` may be added to the score term
+    #: (not where the estimator has a built-in one).
+    accepts_baseline: ClassVar[bool] = True
     #: Every public estimator class, so errors can list the ones that would work.
     registry: ClassVar[List[Type["Estimator"]]] = []
 

@@ -147,16 +147,26 @@ class Run:
         return weight
 
     def frames_of(self, tensor: torch.Tensor, stack, site: str = "") -> Tuple[Any, tuple, Any]:
-        """(ordinal, sequential frames, sample weight) of a tensor recorded at a site."""
+        """(ordinal, sequential frames, sample weight) of a tensor recorded at a site: the
+        sample frames whose dims the tensor has, and those whose dims the weights of these
+        have (an enumerated site's weights q(z | g) depend on an upstream sample of g even
+        where a cost of z does not)."""
         keys = [(f.name, f.dim, f.counter) for f in stack]
         weight = 1.0
         if self.sample_frames:
             plates = frozenset(keys)
-            ndim = tensor.dim()
-            for dim, size, key in self.sample_frames:
-                if ndim >= -dim and tensor.shape[dim] > 1:
-                    keys.append(key)
-                    weight = weight * self.frame_weights[key]
+            included = []
+            shapes = [tensor.shape]
+            while shapes:
+                shape = shapes.pop()
+                for dim, size, key in self.sample_frames:
+                    if key in included or len(shape) < -dim or shape[dim] == 1:
+                        continue
+                    included.append(key)
+                    frame_weight = self.frame_weights[key]
+                    weight = weight * frame_weight
+                    if isinstance(frame_weight, torch.Tensor):
+                        shapes.append(frame_weight.shape)
                     needed = self.frame_plates.get(key)
                     if needed is not None and not needed <= plates:
                         raise StorchError(
@@ -167,6 +177,7 @@ class Run:
                             f"Move '{site}' inside them, or give that site an estimator that "
                             f"samples (e.g. ScoreFunction)."
                         )
+            keys.extend(included)
         seq = tuple((f.name, f.counter) for f in stack if f.dim is None)
         return frozenset(keys), seq, weight
 
@@ -343,12 +354,16 @@ def resolve_site(
                     explicit_baseline = isinstance(handler.config, dict)
                     break
     if baseline is not None:
-        if not estimator.has_score:
+        if not (estimator.has_score and estimator.accepts_baseline):
             if explicit_baseline:
+                reason = (
+                    "has a built-in baseline" if estimator.has_score
+                    else "has no score-function term for it to apply to"
+                )
                 raise StorchError(
-                    f"site '{msg['name']}': a baseline applies to score-function terms, "
-                    f"but its estimator {type(estimator).__name__} has none. Remove the "
-                    f"baseline or use e.g. ScoreFunction."
+                    f"site '{msg['name']}': a baseline was given, but its estimator "
+                    f"{type(estimator).__name__} {reason}. Remove the baseline or use e.g. "
+                    f"ScoreFunction."
                 )
             baseline = None
         else:
