@@ -58,8 +58,9 @@ def estimator_arguments(parser: argparse.ArgumentParser, default: str, n_samples
 
 
 def make_baseline(name: str, estimator: estimators.Estimator) -> Optional[baselines.Baseline]:
-    """The baseline ``name`` if ``estimator`` has a score term to use it, else ``None``."""
-    if not estimator.has_score:
+    """The baseline ``name`` if ``estimator`` has a score term that takes one (not e.g.
+    ``UnorderedSet``, which has its own), else ``None``."""
+    if not (estimator.has_score and getattr(estimator, "accepts_baseline", True)):
         return None
     if name == "leave-one-out" and estimator.n_samples < 2:
         return None

@@ -21,8 +21,10 @@ reconstructions, and samples from the prior.
     python examples/discrete_vae.py --smoke                          # a few steps
 
 Estimators that cannot handle the latent distribution stop with storch_pyro's error, which
-lists the estimators that would work (ARM/DisARM need Bernoulli latents; Enumerate and
-SumAndSample a single Categorical latent, ``--latent categorical --latents 1``).
+lists the estimators that would work (ARM/DisARM need Bernoulli latents; Enumerate,
+SumAndSample and UnorderedSet a single Categorical latent, ``--latent categorical --latents
+1``: they weight their values, so a cost of a site in the data plate must stay in it, and
+the decoder's likelihood depends on all latents of a data point jointly).
 """
 
 import argparse
@@ -192,7 +194,8 @@ def main(argv=None) -> None:
                 progress.set_postfix(test_neg_elbo=f"{curves['test'][-1]:.2f}")
     except UnsupportedDistributionError as error:
         raise SystemExit(f"{error}\n(this example: ARM and DisARM need --latent bernoulli; "
-                         f"Enumerate and SumAndSample --latent categorical --latents 1)")
+                         f"Enumerate, SumAndSample and UnorderedSet --latent categorical "
+                         f"--latents 1)")
     seconds = time.perf_counter() - start
     print("\n| estimator | baseline | SVI steps | seconds | test neg. ELBO at start | at end |")
     print("|:--|:--|--:|--:|--:|--:|")
