@@ -34,7 +34,10 @@ def _public_objects():
     return sorted(seen.items())
 
 
-@pytest.mark.parametrize("name, obj", _public_objects(), ids=lambda v: str(v))
+PUBLIC_OBJECTS = _public_objects()
+
+
+@pytest.mark.parametrize("name, obj", PUBLIC_OBJECTS, ids=[name for name, _ in PUBLIC_OBJECTS])
 def test_public_object_has_docstring_with_example(name, obj):
     doc = inspect.getdoc(obj) or ""
     assert doc, f"{name} has no docstring"
