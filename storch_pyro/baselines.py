@@ -33,6 +33,12 @@ class BaselineContext:
     :ivar n_samples: samples drawn at the site.
     :ivar args: positional arguments of the model/guide the site lives in.
     :ivar kwargs: keyword arguments of the model/guide.
+
+    Example (in :meth:`Baseline.__call__`: one value per data point of the model's argument)::
+
+        def __call__(self, ctx, downstream_cost):
+            data = ctx.args[0]
+            return self.net(data).squeeze(-1)
     """
 
     site: str
@@ -43,7 +49,20 @@ class BaselineContext:
 
 
 class Baseline:
-    """Base class: a control variate subtracted from a site's downstream cost."""
+    """Base class: a control variate subtracted from a site's downstream cost.
+
+    Example (a constant baseline)::
+
+        class Constant(Baseline):
+            def __init__(self, value):
+                self.value = value
+
+            def __call__(self, ctx, downstream_cost):
+                return torch.full_like(downstream_cost, self.value)
+
+        with handlers.baseline(config={"z": Constant(-1.0)}):
+            svi.step(data)
+    """
 
     def check(self, site: str, n_samples: int) -> None:
         """Raises a :class:`~storch_pyro.errors.StorchError` if unusable at this site."""

@@ -15,6 +15,11 @@ class GradientStats:
     :ivar std_error: the standard error of :attr:`mean` (``sqrt(variance / n)``).
     :ivar exact: the exact gradient, if given.
     :ivar n: number of estimates.
+
+    Example::
+
+        stats = gradient_stats(loss_fn, params, n=1000, exact=exact_gradient)
+        print(stats.total_variance, stats.z_scores.abs().max())
     """
 
     mean: torch.Tensor
@@ -43,7 +48,12 @@ class GradientStats:
 
 def flat_grad(loss: torch.Tensor, params: Sequence[torch.Tensor], **kwargs) -> torch.Tensor:
     """The gradient of ``loss`` w.r.t. ``params``, flattened into one vector (zeros for
-    params ``loss`` does not depend on)."""
+    params ``loss`` does not depend on).
+
+    Example::
+
+        g = flat_grad(elbo.differentiable_loss(model, guide, data), list(net.parameters()))
+    """
     grads = torch.autograd.grad(loss, list(params), allow_unused=True, **kwargs)
     return torch.cat(
         [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]

@@ -56,6 +56,22 @@ class Estimator:
     :param int n_samples: number of independent samples drawn at the site. With ``k > 1``
         the value gets a sample dimension of size ``k`` left of all plates, and the loss
         averages over it.
+
+    Example (a new estimator: the score function without its score term, i.e. plain
+    sampling, whose gradient ignores the site)::
+
+        class Frozen(Estimator):
+            has_score = False
+
+            @classmethod
+            def supports(cls, fn):
+                return True
+
+            def draw(self, fn, sample_shape):
+                return fn.sample(sample_shape), None
+
+        with handlers.estimator(config={"z": Frozen(n_samples=4)}):
+            loss = StorchELBO().differentiable_loss(model, None)
     """
 
     #: Whether :math:`\\log q(z)` of the drawn value enters the surrogate as a score term.
@@ -197,7 +213,12 @@ class Estimator:
 
 
 def working_estimators(fn: Distribution) -> List[str]:
-    """Names of the registered estimators whose :meth:`Estimator.supports` accepts ``fn``."""
+    """Names of the registered estimators whose :meth:`Estimator.supports` accepts ``fn``.
+
+    Example::
+
+        working_estimators(dist.Bernoulli(0.3))   # ['ARM', 'DisARM', 'Enumerate', ...]
+    """
     names = []
     for cls in Estimator.registry:
         try:

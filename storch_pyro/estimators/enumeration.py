@@ -29,7 +29,9 @@ class Enumerate(Estimator):
     A cost that depends on a site enumerated inside a plate must be in that plate (a sum
     of per-index expectations); outside it, the joint support is exponential in the plate
     size and StorchELBO raises an error. Needs ``fn.has_enumerate_support`` (Bernoulli,
-    Categorical, OneHotCategorical, ...; not ``.to_event`` distributions).
+    Categorical, OneHotCategorical, ...; not ``.to_event`` distributions). The sums follow
+    Pyro's parallel enumeration (Obermeyer et al. 2019, "Tensor Variable Elimination for
+    Plated Factor Graphs").
 
     Example::
 

@@ -98,7 +98,13 @@ class _SiteConfigMessenger(Messenger):
 
 
 class EstimatorMessenger(_SiteConfigMessenger):
-    """See :func:`estimator`."""
+    """The messenger :func:`estimator` returns; see there.
+
+    Example::
+
+        with EstimatorMessenger({"z": estimators.DisARM()}):
+            svi.step(data)
+    """
 
     _kind = "estimator"
     _type = Estimator
@@ -106,7 +112,13 @@ class EstimatorMessenger(_SiteConfigMessenger):
 
 
 class BaselineMessenger(_SiteConfigMessenger):
-    """See :func:`baseline`."""
+    """The messenger :func:`baseline` returns; see there.
+
+    Example::
+
+        with BaselineMessenger({"z": baselines.MovingAverage(0.99)}):
+            svi.step(data)
+    """
 
     _kind = "baseline"
     _type = Baseline
