@@ -13,7 +13,12 @@ import torch
 
 
 def param_store_state(name: str) -> Optional[torch.Tensor]:
-    """The tensor stored under ``name`` in Pyro's param store, or ``None``."""
+    """The tensor stored under ``name`` in Pyro's param store, or ``None``.
+
+    Example::
+
+        average = param_store_state("storch_pyro.baseline.z.moving_average")
+    """
     store = pyro.get_param_store()
     params = getattr(store, "_params", None)
     if params is not None:
@@ -22,6 +27,13 @@ def param_store_state(name: str) -> Optional[torch.Tensor]:
 
 
 def set_param_store_state(name: str, value: torch.Tensor) -> torch.Tensor:
-    """Stores ``value`` (detached) under ``name`` and returns the stored tensor."""
+    """Stores ``value`` (detached) under ``name`` and returns the stored tensor.
+
+    Example::
+
+        step = set_param_store_state("storch_pyro.estimator.z.step", torch.zeros(()))
+        with torch.no_grad():
+            step.add_(1.0)
+    """
     pyro.get_param_store()[name] = value.detach()
     return param_store_state(name)
