@@ -59,8 +59,11 @@ class StorchELBO(ELBO):
         of each model structure (the sequence of site names), then skips that work for
         structures it has validated, which saves a fifth of the step time of a small model
         and avoids device syncs on a GPU. (A step whose unvalidated run shows a new
-        structure is drawn again with validation.) ``True`` validates every step (do this when
-        later minibatches may hold data outside a distribution's support).
+        structure is drawn again with validation, so a program with side effects, such as
+        an environment it steps, runs twice on such steps.) ``True`` validates every step
+        and never redraws: do this when later minibatches may hold data outside a
+        distribution's support, or when the structure changes often (episodes of varying
+        length) and the program has side effects.
 
     Example::
 
