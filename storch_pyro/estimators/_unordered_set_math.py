@@ -176,17 +176,29 @@ def _subset_tables(k: int) -> Tuple[List[Tuple[Tensor, Tensor]], Tensor, Tensor]
     return levels, loo_pos, lto_pos
 
 
+@functools.lru_cache(maxsize=64)
+def _subset_tables_on(
+    k: int, device: torch.device
+) -> Tuple[List[Tuple[Tensor, Tensor]], Tensor, Tensor]:
+    """:func:`_subset_tables` on ``device``, cached: no host-to-device copy per call."""
+    levels, loo_pos, lto_pos = _subset_tables(k)
+    return (
+        [(members.to(device), sub_pos.to(device)) for members, sub_pos in levels],
+        loo_pos.to(device),
+        lto_pos.to(device),
+    )
+
+
 def _exact(log_p_set: Tensor, log_rest: Tensor, order: int) -> Tuple[Tensor, ...]:
     """Subset recursion ``g(A) = sum_{a in A} p_a g(A\\a) / (p_rest + p(A))``, level by level,
     with ``g(A) = p^{D\\(S\\A)}(A)``; only the last three levels are needed for the outputs."""
     k = log_p_set.shape[-1]
-    levels, loo_pos, lto_pos = _subset_tables(k)
     device = log_p_set.device
+    levels, loo_pos, lto_pos = _subset_tables_on(k, device)
     g = torch.zeros(log_rest.shape + (1,), dtype=log_p_set.dtype, device=device)  # g({}) = 1
     mass = torch.full_like(g, float("-inf"))  # log p(A); p({}) = 0
     history = [g]
     for members, sub_pos in levels:
-        members, sub_pos = members.to(device), sub_pos.to(device)
         log_p_members = log_p_set[..., members]  # [..., m, c]
         mass = torch.logaddexp(mass[..., sub_pos[:, 0]], log_p_members[..., 0])
         terms = log_p_members + g[..., sub_pos]
@@ -194,11 +206,11 @@ def _exact(log_p_set: Tensor, log_rest: Tensor, order: int) -> Tuple[Tensor, ...
         history = history[-2:] + [g]
     out = [g[..., 0]]
     if order >= 1:
-        loo = history[-2][..., loo_pos.to(device)]
+        loo = history[-2][..., loo_pos]
         out.append(loo)
     if order >= 2:
         if k >= 2:
-            lto = history[-3][..., lto_pos.to(device)]
+            lto = history[-3][..., lto_pos]
         else:
             lto = torch.zeros(log_rest.shape + (1, 1), dtype=g.dtype, device=device)
         eye = torch.eye(k, dtype=torch.bool, device=device)
@@ -253,15 +265,22 @@ def _quadrature_nodes_cpu(k: int, num_points: int) -> Tuple[Tensor, Tensor]:
     return y, log_w
 
 
+@functools.lru_cache(maxsize=64)
+def _quadrature_nodes(
+    k: int, num_points: int, dtype: torch.dtype, device: torch.device
+) -> Tuple[Tensor, Tensor]:
+    """:func:`_quadrature_nodes_cpu` in ``dtype`` on ``device``, cached."""
+    y, log_w = _quadrature_nodes_cpu(k, num_points)
+    return y.to(dtype=dtype, device=device), log_w.to(dtype=dtype, device=device)
+
+
 def _quadrature(
     log_p_set: Tensor, log_rest: Tensor, order: int, num_points: int
 ) -> Tuple[Tensor, ...]:
     if num_points < 2:
         raise ValueError(f"num_points must be >= 2, got {num_points}")
     k = log_p_set.shape[-1]
-    y, log_w = _quadrature_nodes_cpu(k, num_points)
-    y = y.to(dtype=log_p_set.dtype, device=log_p_set.device)
-    log_w = log_w.to(dtype=log_p_set.dtype, device=log_p_set.device)
+    y, log_w = _quadrature_nodes(k, num_points, log_p_set.dtype, log_p_set.device)
     log_r = log_p_set - log_rest[..., None]  # +inf when p_rest == 0 (k = n): factor 1
     factors = _log1mexp_of_exp(log_r[..., None] + y)  # [..., k, N]
     total = factors.sum(-2)  # [..., N]
