@@ -102,9 +102,6 @@ class Run:
         self.density_values: Dict[str, torch.Tensor] = {}
         #: Sites whose estimator computes their log-densities itself: (estimator, state).
         self.density_owners: Dict[str, Tuple[Estimator, Any]] = {}
-        self.guide_latents: List[str] = []
-        self.model_latents: List[str] = []
-        self.model_names: set = set()
 
     def structure(self) -> tuple:
         """The sequence of cost and stochastic-site names: what identifies a model
@@ -311,9 +308,6 @@ class StorchMessenger(Messenger):
             ordinal, seq, weight = run.frames_of(log_prob, stack, name)
             if self.role == "guide":
                 run.guide_values[name] = value
-                run.guide_latents.append(name)
-            elif self.role == "model":
-                run.model_latents.append(name)
             if estimator.has_score or estimator.has_control_term:
                 score = None
                 if estimator.has_score:
@@ -327,8 +321,6 @@ class StorchMessenger(Messenger):
             sign = 1.0 if self.role == "guide" else -1.0
             self._add_cost(name, masked, msg["scale"], sign, ordinal, seq, weight, stack)
             return
-        if self.role == "model":
-            run.model_names.add(name)
         sign = 1.0 if self.role == "guide" else -1.0
         ordinal, seq, weight = run.frames_of(log_prob, stack, name)
         self._add_cost(name, masked, msg["scale"], sign, ordinal, seq, weight, stack)
