@@ -1,11 +1,14 @@
-"""Antithetic estimators for Bernoulli sites: ARM and DisARM."""
+"""Antithetic estimators for Bernoulli sites, and for Categorical sites through their
+stick-breaking binary representation: ARM and DisARM."""
 
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch.distributions import Bernoulli, Distribution
 
 from storch_pyro.estimators.base import Estimator
+from storch_pyro.estimators.relaxation import discrete_base
 
 
 def bernoulli_logits(fn: Distribution) -> Optional[torch.Tensor]:
@@ -23,19 +26,59 @@ def _logit(u: torch.Tensor) -> torch.Tensor:
     return torch.log(u) - torch.log1p(-u)
 
 
+#: Stick-breaking logits are clamped to this magnitude: a category of probability zero (or
+#: a remainder of zero mass) gives an infinite logit, whose zero-valued gradient term would
+#: otherwise be inf - inf.
+_STICK_LOGIT_MAX = 80.0
+
+
+def stick_breaking_logits(logits: torch.Tensor) -> torch.Tensor:
+    r"""Logits ``[..., K - 1]`` of the binary stick-breaking representation of a Categorical
+    with ``logits [..., K]``: with :math:`b_k \sim \mathrm{Bernoulli}(\rho_k)` independent,
+    :math:`\rho_k = \pi_k / \sum_{j \ge k} \pi_j`, the first :math:`k` with
+    :math:`b_k = 1` (or :math:`K`) is distributed as :math:`\pi`. In log space:
+    :math:`\mathrm{logit}\,\rho_k = \log\pi_k - \log\sum_{j > k}\pi_j`."""
+    # impossible categories (logit -inf) as very negative finite logits: no inf - inf below
+    logits = torch.nan_to_num(logits, neginf=torch.finfo(logits.dtype).min / 4)
+    log_pi = torch.log_softmax(logits, -1)
+    tail = torch.logcumsumexp(log_pi.flip(-1), -1).flip(-1)  # log sum_{j >= k} pi_j
+    stick = log_pi[..., :-1] - tail[..., 1:]
+    return stick.clamp(-_STICK_LOGIT_MAX, _STICK_LOGIT_MAX)
+
+
+def _binary_view(fn: Distribution) -> Tuple[str, torch.Tensor, int]:
+    """``(kind, logits, event_dim)`` of the independent binary coordinates behind ``fn``:
+    a Bernoulli's own (broadcast to batch + event shape), or a Categorical's stick-breaking
+    logits (one event dim of size ``K - 1``)."""
+    logits = bernoulli_logits(fn)
+    if logits is not None:
+        shape = fn.batch_shape + fn.event_shape
+        return "bernoulli", torch.broadcast_to(logits, shape), len(fn.event_shape)
+    kind, logits = discrete_base(fn)
+    return kind, stick_breaking_logits(logits), 1
+
+
 class _AntitheticBernoulli(Estimator):
     """Shared part: draws ``n_samples`` pairs from one uniform each, on a sample dim of size
-    ``2 * n_samples`` (first members, then second members); no score term."""
+    ``2 * n_samples`` (first members, then second members); no score term. Categorical
+    sites are drawn as their stick-breaking binary vectors (:func:`stick_breaking_logits`),
+    each member of a pair becoming the index of its first one (Dong, Mnih & Tucker 2021)."""
 
     has_score = False
     has_control_term = True
 
     @classmethod
     def supports(cls, fn: Distribution) -> bool:
-        return bernoulli_logits(fn) is not None
+        if bernoulli_logits(fn) is not None:
+            return True
+        found = discrete_base(fn)
+        return found is not None and len(fn.event_shape) == (1 if found[0] == "onehot" else 0)
 
     def _unsupported_reason(self, fn: Distribution) -> str:
-        return " (it needs a Bernoulli, possibly .to_event or .expand-ed)"
+        return (
+            " (it needs a Bernoulli, possibly .to_event or .expand-ed, or a Categorical or "
+            "OneHotCategorical without .to_event)"
+        )
 
     def sample_size(self, fn: Distribution) -> int:
         return 2 * self.n_samples
@@ -48,18 +91,20 @@ class _AntitheticBernoulli(Estimator):
         raise NotImplementedError
 
     def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]):
-        shape = fn.batch_shape + fn.event_shape
-        logits = torch.broadcast_to(bernoulli_logits(fn), shape).detach()
-        pair_shape = (self.n_samples,) + tuple(sample_shape[1:]) + tuple(shape)
+        kind, logits, event_dim = _binary_view(fn)
+        logits = logits.detach()
+        pair_shape = (self.n_samples,) + tuple(sample_shape[1:]) + tuple(logits.shape)
         u = torch.rand(pair_shape, dtype=logits.dtype, device=logits.device)
-        first, second = self._pair(logits, u)
-        value = torch.cat([first, second], dim=0).to(logits.dtype)
+        value = torch.cat(self._pair(logits, u), dim=0).to(logits.dtype)
+        if kind != "bernoulli":
+            value = _first_one(value)
+            if kind == "onehot":
+                value = F.one_hot(value, logits.shape[-1] + 1).to(logits.dtype)
         return value, u
 
     def control_term(self, fn, state, sample_dim, downstream_cost):
         u = state
-        event_dim = len(fn.event_shape)
-        logits = torch.broadcast_to(bernoulli_logits(fn), fn.batch_shape + fn.event_shape)
+        _, logits, event_dim = _binary_view(fn)
         cost = downstream_cost.reshape(downstream_cost.shape + (1,) * event_dim)
         dim = sample_dim - event_dim
         k = self.n_samples
@@ -69,6 +114,13 @@ class _AntitheticBernoulli(Estimator):
         gradient = difference * self._coefficient(detached, u, first, second)
         term = (gradient * (logits - detached)).sum(dim, keepdim=True) / k
         return term.sum(tuple(range(-event_dim, 0))) if event_dim else term
+
+
+def _first_one(bits: torch.Tensor) -> torch.Tensor:
+    """Index of the first 1 along the last dim of a 0/1 tensor ``[..., K - 1]``, or
+    ``K - 1`` if there is none: the category of a stick-breaking binary vector."""
+    stop = torch.ones(bits.shape[:-1] + (1,), dtype=bits.dtype, device=bits.device)
+    return torch.cat([bits, stop], -1).argmax(-1)
 
 
 class ARM(_AntitheticBernoulli):
@@ -85,9 +137,18 @@ class ARM(_AntitheticBernoulli):
     size ``2 * n_samples`` left of all plates; the loss averages the costs over all of them
     and the gradient over the pairs.
 
+    ``Categorical`` and ``OneHotCategorical`` sites are drawn as their stick-breaking binary
+    vectors (:func:`stick_breaking_logits`: independent :math:`b_k` with
+    :math:`\\rho_k = \\pi_k / \\sum_{j \\ge k} \\pi_j`, the category being the first
+    :math:`k` with :math:`b_k = 1`), the estimator applied to those :math:`K - 1`
+    coordinates and the gradient taken through the stick-breaking logits (Dong, Mnih &
+    Tucker 2021, "Coupled Gradient Estimators for Discrete Latent Variables"). Unbiased for
+    any order of the categories; the variance depends on it.
+
     Example::
 
         b = storch.sample("b", dist.Bernoulli(logits=phi).to_event(1), estimator=estimators.ARM())
+        z = storch.sample("z", dist.Categorical(logits=psi), estimator=estimators.ARM())
     """
 
     def _pair(self, logits, u):
@@ -109,11 +170,14 @@ class DisARM(_AntitheticBernoulli):
         1[b \\ne \\tilde b]\\,\\sigma(|\\phi|),
 
     per coordinate of a factorized Bernoulli. Unbiased, with variance never above ARM's
-    (the paper's Theorem 1). Values as for :class:`ARM`.
+    (the paper's Theorem 1). Values as for :class:`ARM`; Categorical sites through their
+    stick-breaking representation as there (the DisARM-SB estimator of Dong, Mnih & Tucker
+    2021).
 
     Example::
 
         b = storch.sample("b", dist.Bernoulli(logits=phi), estimator=estimators.DisARM())
+        z = storch.sample("z", dist.Categorical(logits=psi), estimator=estimators.DisARM())
     """
 
     def _pair(self, logits, u):
