@@ -120,15 +120,22 @@ class _ScorePrefix:
             done, total = 0, None
         for node in self.nodes[done:n]:
             if node.score is not None and _compatible(node.seq, seq):
-                score = node.score
-                if node.own_frame is not None and node.own_frame not in ordinal:
-                    weight = self.frame_weights[node.own_frame]
-                    if isinstance(weight, torch.Tensor):
-                        score = score * weight.detach()
-                score = _sum_except(score, _shared_dims(node.ordinal, ordinal))
+                score = _score_on(node, ordinal, self.frame_weights)
                 total = score if total is None else total + score
         self.cache[ordinal] = (n, total)
         return total
+
+
+def _score_on(node: Node, ordinal: FrozenSet, frame_weights: Dict) -> torch.Tensor:
+    """The node's score reduced to the dims of a cost with ``ordinal``: summed over the
+    dims the cost lacks, over its own sample dim with the (detached) sample weights when
+    they are not uniform (see :class:`_ScorePrefix`)."""
+    score = node.score
+    if node.own_frame is not None and node.own_frame not in ordinal:
+        weight = frame_weights[node.own_frame]
+        if isinstance(weight, torch.Tensor):
+            score = score * weight.detach()
+    return _sum_except(score, _shared_dims(node.ordinal, ordinal))
 
 
 def expected_cost(run: Run) -> torch.Tensor:
@@ -178,10 +185,13 @@ def _control_term(run: Run, node: Node, groups: List[_Group], prefix, boxes) -> 
     (so that, as for baselines, the upstream score terms see it at higher orders)."""
     downstream = _downstream_cost(run, node, groups)
     term = node.estimator.control_term(node.fn, node.state, node.sample_dim, downstream)
+    return _boxed_by_upstream(term, node, prefix, boxes)
+
+
+def _boxed_by_upstream(term: torch.Tensor, node: Node, prefix, boxes) -> torch.Tensor:
+    """``term`` times the magic box of the scores upstream of the node."""
     before = prefix(node.ordinal, node.seq, node.index)
-    if before is not None:
-        term = term * boxes(before)
-    return term
+    return term if before is None else term * boxes(before)
 
 
 def _control_terms(
@@ -194,10 +204,7 @@ def _control_terms(
     if node.estimator.needs_live_costs:
         ctx.live_cost, ctx.live_total = _live_downstream_cost(run, node, groups)
     per_index, shared = node.estimator.control_terms(node.fn, node.state, downstream, ctx)
-    before = prefix(node.ordinal, node.seq, node.index)
-    if before is not None:
-        per_index = per_index * boxes(before)
-    return per_index, shared
+    return _boxed_by_upstream(per_index, node, prefix, boxes), shared
 
 
 def _live_downstream_cost(
@@ -233,23 +240,11 @@ def _live_downstream_cost(
             if other.index >= group.n_before:
                 break
             if other.score is not None and _compatible(other.seq, group.seq):
-                score = other.score
-                if other.own_frame is not None and other.own_frame not in group.ordinal:
-                    weight = run.frame_weights[other.own_frame]  # as in _ScorePrefix
-                    if isinstance(weight, torch.Tensor):
-                        score = score * weight.detach()
-                score = _sum_except(score, _shared_dims(other.ordinal, group.ordinal))
+                score = _score_on(other, group.ordinal, run.frame_weights)
                 scores = score if scores is None else scores + score
         if scores is not None:
             value = magic_box(scores) * value
-        weight = run.weight_of(group.ordinal - node.ordinal)
-        if isinstance(weight, torch.Tensor):
-            value = value * weight
-        reduced = _sum_except(value, _shared_dims(group.ordinal, node.ordinal))
-        if reduced.dim() > rank:
-            reduced = reduced.reshape(reduced.shape[reduced.dim() - rank:])
-        if not isinstance(weight, torch.Tensor) and weight != 1.0:
-            reduced = reduced * weight
+        reduced = _on_node_dims(run, node, group, value, detach=False)
         dims = [d for d in plate_dims if reduced.dim() >= -d and reduced.shape[d] != 1]
         summed = reduced.sum(dims, keepdim=True) if dims else reduced
         per_index = reduced if per_index is None else per_index + reduced
@@ -264,22 +259,30 @@ def _live_downstream_cost(
     return per_index.expand(shape), shared.expand(shared_shape)
 
 
+def _on_node_dims(
+    run: Run, node: Node, group: _Group, value: torch.Tensor, detach: bool
+) -> torch.Tensor:
+    """A cost group's ``value`` on the node's dims: times the sample weights of the frames
+    the node lacks (detached or not), summed over the dims it does not share."""
+    weight = run.weight_of(group.ordinal - node.ordinal)
+    if isinstance(weight, torch.Tensor):
+        value = value * (weight.detach() if detach else weight)
+    reduced = _sum_except(value, _shared_dims(group.ordinal, node.ordinal))
+    rank = node.log_prob.dim()
+    if reduced.dim() > rank:
+        reduced = reduced.reshape(reduced.shape[reduced.dim() - rank:])
+    if not isinstance(weight, torch.Tensor) and weight != 1.0:
+        reduced = reduced * weight
+    return reduced
+
+
 def _downstream_cost(run: Run, node: Node, groups: List[_Group]) -> torch.Tensor:
     """:math:`D_z`: the detached costs the node's score multiplies, on the node's dims."""
     total = None
     shape = node.log_prob.shape
-    rank = len(shape)
     for group in groups:
         if group.n_before > node.index and _compatible(node.seq, group.seq):
-            value = group.value.detach()
-            weight = run.weight_of(group.ordinal - node.ordinal)
-            if isinstance(weight, torch.Tensor):
-                value = value * weight.detach()
-            reduced = _sum_except(value, _shared_dims(group.ordinal, node.ordinal))
-            if reduced.dim() > rank:
-                reduced = reduced.reshape(reduced.shape[reduced.dim() - rank:])
-            if not isinstance(weight, torch.Tensor) and weight != 1.0:
-                reduced = reduced * weight
+            reduced = _on_node_dims(run, node, group, group.value.detach(), detach=True)
             total = reduced if total is None else total + reduced
     if total is None:
         return node.log_prob.new_zeros(shape)
