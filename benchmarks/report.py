@@ -150,9 +150,32 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(parts: List[dict]) -> dict:
+    """One results dict from several runs of the harness with the same settings (e.g. one
+    process per method and seed, run in parallel): runs concatenated, methods and seeds in
+    first-seen order, the first part's configuration otherwise."""
+    if not parts:
+        raise ValueError("merge: no results given")
+    merged = {"config": dict(parts[0]["config"]), "methods": [], "twins": {}, "runs": []}
+    seeds: List[int] = []
+    for part in parts:
+        mismatched = [key for key in ("model", "dataset", "steps", "batch_size", "lr")
+                      if part["config"][key] != merged["config"][key]]
+        if mismatched:
+            raise ValueError(f"merge: the results differ in {mismatched}; merge only runs of "
+                             "the same settings")
+        merged["methods"] += [m for m in part["methods"] if m not in merged["methods"]]
+        merged["twins"].update(part["twins"])
+        merged["runs"] += part["runs"]
+        seeds += [s for s in part["config"]["seeds"] if s not in seeds]
+    merged["config"]["seeds"] = seeds
+    return merged
+
+
 def main(argv=None) -> None:
     """``python -m benchmarks.report OUT/results.json ...``: rewrites each ``results.md``
-    (and the plots, with ``--plots``)."""
+    (and the plots, with ``--plots``); with ``--merge DEST``, merges the given results into
+    ``DEST/results.json`` and writes its ``results.md``."""
     import argparse
     import json
     from pathlib import Path
@@ -160,9 +183,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("results", type=Path, nargs="+")
     parser.add_argument("--plots", action="store_true")
+    parser.add_argument("--merge", type=Path, default=None, metavar="DEST",
+                        help="merge the results into DEST/results.json")
     args = parser.parse_args(argv)
-    for path in args.results:
-        results = json.loads(path.read_text())
+    loaded = [(path, json.loads(path.read_text())) for path in args.results]
+    if args.merge is not None:
+        args.merge.mkdir(parents=True, exist_ok=True)
+        results = merge([results for _, results in loaded])
+        (args.merge / "results.json").write_text(json.dumps(results, indent=1))
+        loaded = [(args.merge / "results.json", results)]
+    for path, results in loaded:
         table = markdown(results)
         (path.parent / "results.md").write_text(table)
         if args.plots:
