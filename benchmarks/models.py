@@ -3,7 +3,7 @@ hand-written estimators and the exact/test bounds) and as a Pyro model/guide pai
 StorchELBO and Pyro's losses). The latent site is called ``"z"``.
 
 - :class:`BinaryVAE`: 200 Bernoulli latents; ``linear`` (encoder and decoder one affine map)
-  or ``nonlinear`` (two hidden layers of 200 LeakyReLU units each way), the protocol of
+  or ``nonlinear`` (two hidden layers of 200 LeakyReLU(0.3) units each way), the protocol of
   ARM (Yin & Zhou 2019), RELAX (Grathwohl et al. 2018) and DisARM (Dong et al. 2020): a
   factorized Bernoulli prior with learned logits, the decoder's output bias initialised to
   the logit of the training mean.
@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 MODELS = ("binary-linear", "binary-nonlinear", "categorical")
+#: Negative slope of the nonlinear binary VAE's LeakyReLUs (0.3 in the DisARM authors' code).
+LEAKY_SLOPE = 0.3
 #: Latent spaces up to this size are enumerated for exact gradients (bias measurements).
 MAX_ENUMERATION = 4096
 
@@ -134,12 +136,12 @@ class BinaryVAE(DiscreteVAE):
     ) -> None:
         if nonlinear:
             encoder = nn.Sequential(
-                nn.Linear(n_pixel, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden),
-                nn.LeakyReLU(), nn.Linear(hidden, n_latent),
+                nn.Linear(n_pixel, hidden), nn.LeakyReLU(LEAKY_SLOPE),
+                nn.Linear(hidden, hidden), nn.LeakyReLU(LEAKY_SLOPE), nn.Linear(hidden, n_latent),
             )
             decoder = nn.Sequential(
-                nn.Linear(n_latent, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden),
-                nn.LeakyReLU(), nn.Linear(hidden, n_pixel),
+                nn.Linear(n_latent, hidden), nn.LeakyReLU(LEAKY_SLOPE),
+                nn.Linear(hidden, hidden), nn.LeakyReLU(LEAKY_SLOPE), nn.Linear(hidden, n_pixel),
             )
         else:
             encoder = nn.Linear(n_pixel, n_latent)
