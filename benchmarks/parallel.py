@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import IO, List, Tuple
 
 from benchmarks import compare, report
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         for seed in settings.seeds for method in methods
     ]
     pending = list(parts)
-    running: List[Tuple[subprocess.Popen, str, float, Path]] = []
+    running: List[Tuple[subprocess.Popen, str, float, Path, IO]] = []
     failed = []
     while pending or running:
         while pending and len(running) < args.jobs:
@@ -70,16 +70,17 @@ def main(argv=None) -> int:
             command = [sys.executable, "-m", "benchmarks.compare",
                        *_part_argv(rest, method, seed, out)]
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-            running.append((process, f"{method} seed {seed}", time.monotonic(), out))
+            running.append((process, f"{method} seed {seed}", time.monotonic(), out, log))
         time.sleep(0.2)
         for entry in list(running):
-            process, name, started, out = entry
+            process, name, started, out, log = entry
             overdue = args.timeout is not None and time.monotonic() - started > args.timeout
             if overdue:
                 process.kill()
             if process.poll() is None:
                 continue
             running.remove(entry)
+            log.close()
             if process.returncode != 0 or overdue:
                 why = "timed out" if overdue else f"exit {process.returncode}"
                 failed.append(f"{name}: {why} (log: {out / 'log.txt'})")

@@ -167,12 +167,80 @@ def test_extreme_logits_give_finite_gradients(dtype):
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
 
+#: Three latents of 4 categories under .to_event(1), coupled by a nonlinear joint cost.
+EVENT_LOGITS = [[0.3, -1.0, 2.0, 0.1], [1.0, 0.0, -1.0, 0.5], [-0.5, 0.4, 0.0, 1.2]]
+
+
+def joint_cost(z):
+    """A nonlinear cost of the vector of 3 category indices (last dim)."""
+    w = W[z]
+    return (w.sum(-1) - 0.5) ** 2 + torch.sin(w[..., 0] * w[..., 2])
+
+
+def event_exact_gradient(logits):
+    """d E[joint_cost] / d logits by enumerating the 4^3 configurations."""
+    grid = torch.cartesian_prod(*[torch.arange(4)] * 3)  # [64, 3]
+    log_pi = logits.log_softmax(-1)  # [..., 3, 4]
+    log_p = log_pi[..., torch.arange(3), grid].sum(-1)  # [..., 64]
+    return flat_grad((log_p.exp() * joint_cost(grid)).sum(), [logits])
+
+
+def event_model(logits, estimator, onehot):
+    """A plate of 2 around a .to_event(1) site of 3 latents (logits [2, 3, 4])."""
+    with pyro.plate("p", 2):
+        if onehot:
+            y = storch.sample("z", dist.OneHotCategorical(logits=logits).to_event(1),
+                              estimator=estimator)
+            z = y.argmax(-1)
+        else:
+            z = storch.sample("z", dist.Categorical(logits=logits).to_event(1),
+                              estimator=estimator)
+        storch.add_cost("c", joint_cost(z))
+
+
+@pytest.mark.parametrize("onehot", [False, True], ids=["categorical", "onehot"])
+@pytest.mark.parametrize("make_estimator, max_se", [
+    pytest.param(lambda: estimators.DisARM(n_samples=4), 0.019, id="disarm"),
+    pytest.param(lambda: estimators.ARM(n_samples=4), 0.024, id="arm"),
+])
+def test_unbiased_with_to_event(make_estimator, max_se, onehot):
+    """Each latent's K - 1 stick-breaking coordinates estimated jointly with the other
+    latents' (f sees the whole vector). Exact gradient: 24 coordinates, largest |.| 1.10.
+    Measured s.e. at n=6000 with 4 pairs per draw (seeds 1-2): <= 0.017 (DisARM), 0.022
+    (ARM), so a bias of 0.08 / 0.10 (7% / 9% of the largest coordinate) would fail."""
+    logits = _leaf([EVENT_LOGITS, EVENT_LOGITS[::-1]])
+    elbo = storch.StorchELBO(max_plate_nesting=1)
+    estimator = make_estimator()
+    stats = gradient_stats(
+        lambda: elbo.differentiable_loss(event_model, None, logits, estimator, onehot),
+        [logits], 6000, event_exact_gradient(logits))
+    assert_unbiased(stats)
+    assert stats.std_error.max() < max_se  # the power claimed above
+
+
+def test_to_event_values_have_the_site_shape():
+    seen = {}
+
+    def model():
+        with pyro.plate("p", 5):
+            z = storch.sample("z", dist.Categorical(logits=torch.zeros(5, 3, 4)).to_event(1),
+                              estimator=estimators.DisARM(n_samples=2))
+            y = storch.sample("y", dist.OneHotCategorical(logits=torch.zeros(3, 4))
+                              .expand([5, 3]).to_event(1), estimator=estimators.ARM())
+            seen["z"], seen["y"] = z, y
+            storch.add_cost("c", z.float().sum(-1) + y[..., 0].sum(-1))
+
+    storch.StorchELBO(max_plate_nesting=1).differentiable_loss(model, None)
+    z, y = seen["z"], seen["y"]
+    assert z.shape == (4, 5, 3) and ((z >= 0) & (z < 4)).all()
+    assert y.shape == (2, 1, 5, 3, 4) and (y.sum(-1) == 1).all()
+
+
 @pytest.mark.parametrize(
     "fn, name",
     [
-        pytest.param(dist.Categorical(logits=torch.zeros(2, 3)).to_event(1), "Categorical",
-                     id="categorical-to_event"),
         pytest.param(dist.Poisson(3.0), "Poisson", id="poisson"),
+        pytest.param(dist.Normal(0.0, 1.0).expand([2]).to_event(1), "Normal", id="normal"),
     ],
 )
 def test_still_unsupported(fn, name):

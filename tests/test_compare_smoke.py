@@ -1,10 +1,11 @@
 """The comparison harness runs end to end on the digits for a few steps (no timing checks)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from benchmarks import compare, specs
+from benchmarks import compare, parallel, report, specs
 from storch_pyro import baselines, estimators
 
 
@@ -30,12 +31,49 @@ def test_compare_harness_smoke(tmp_path):
 
 def test_compare_reports_unsupported_estimators(tmp_path):
     results = compare.main([
-        "--model", "categorical", "--steps", "2", "--seeds", "0", "--methods", "disarm",
+        "--model", "categorical", "--steps", "2", "--seeds", "0", "--methods", "unordered4",
         "--var-samples", "0", "--test-samples", "0", "--no-progress", "--no-plots",
         "--out", str(tmp_path),
     ])
     assert "UnsupportedDistributionError" in results["runs"][0]["error"]
-    assert "disarm: UnsupportedDistributionError" in (tmp_path / "results.md").read_text()
+    assert "unordered4: UnsupportedDistributionError" in (tmp_path / "results.md").read_text()
+
+
+def test_parallel_parts_merge_into_one_table(tmp_path):
+    """benchmarks.parallel: one process per method and seed, merged; the same numbers as
+    one process would give (each part seeds itself from its seed alone)."""
+    common = ["--model", "categorical", "--latents", "2", "--steps", "2", "--eval-every", "2",
+              "--var-samples", "0", "--test-samples", "3", "--test-size", "10", "--no-plots"]
+    single = compare.main([*common, "--seeds", "0", "1", "--methods", "disarm", "sf-ma",
+                           "--no-progress", "--out", str(tmp_path / "single")])
+    assert parallel.main(["--jobs", "2", "--", *common, "--seeds", "0", "1", "--methods",
+                          "disarm", "sf-ma", "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["methods"] == ["disarm", "sf-ma"] and merged["config"]["seeds"] == [0, 1]
+
+    def finals(results):
+        return sorted((r["method"], r["seed"], r["final"]["train_elbo"], r["final"]["test_bound"])
+                      for r in results["runs"])
+
+    assert finals(merged) == finals(single)
+    assert "| disarm |" in (tmp_path / "merged" / "results.md").read_text()
+
+
+def test_parallel_replaces_only_the_per_part_arguments():
+    argv = ["--steps", "5", "--methods", "a", "ScoreFunction(n_samples=2)", "--seeds", "0", "1",
+            "--lr", "1e-3", "--out", "x"]
+    part = parallel._part_argv(argv, "rloo", 1, Path("p"))
+    assert part == ["--steps", "5", "--lr", "1e-3", "--methods", "rloo", "--seeds", "1",
+                    "--out", "p", "--no-progress", "--no-plots"]
+
+
+def test_merge_refuses_results_of_different_settings():
+    base = {"config": {"model": "m", "dataset": "d", "steps": 2, "batch_size": 5, "lr": 0.1,
+                       "seeds": [0]}, "methods": ["a"], "twins": {}, "runs": []}
+    other = json.loads(json.dumps(base))
+    other["config"]["steps"] = 3
+    with pytest.raises(ValueError, match="steps"):
+        report.merge([base, other])
 
 
 def test_method_specs_are_parsed_without_eval():

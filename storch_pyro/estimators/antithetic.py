@@ -7,19 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Bernoulli, Distribution
 
-from storch_pyro.estimators.base import Estimator
+from storch_pyro.estimators.base import Estimator, innermost_distribution
 from storch_pyro.estimators.relaxation import discrete_base
 
 
 def bernoulli_logits(fn: Distribution) -> Optional[torch.Tensor]:
     """The logits of a (possibly wrapped: ``Independent``, expanded, masked) Bernoulli, or
     ``None`` if ``fn`` is not one."""
-    base: Optional[Distribution] = fn
-    while base is not None:
-        if isinstance(base, Bernoulli):
-            return base.logits
-        base = getattr(base, "base_dist", None)
-    return None
+    base = innermost_distribution(fn)
+    return base.logits if isinstance(base, Bernoulli) else None
 
 
 def _logit(u: torch.Tensor) -> torch.Tensor:
@@ -49,13 +45,15 @@ def stick_breaking_logits(logits: torch.Tensor) -> torch.Tensor:
 def _binary_view(fn: Distribution) -> Tuple[str, torch.Tensor, int]:
     """``(kind, logits, event_dim)`` of the independent binary coordinates behind ``fn``:
     a Bernoulli's own (broadcast to batch + event shape), or a Categorical's stick-breaking
-    logits (one event dim of size ``K - 1``)."""
+    logits (broadcast to batch shape + the dims ``.to_event`` reinterpreted + a last dim of
+    size ``K - 1``; the event dims are those plus the last)."""
     logits = bernoulli_logits(fn)
     if logits is not None:
         shape = fn.batch_shape + fn.event_shape
         return "bernoulli", torch.broadcast_to(logits, shape), len(fn.event_shape)
     kind, logits = discrete_base(fn)
-    return kind, stick_breaking_logits(logits), 1
+    reinterpreted = len(fn.event_shape) - (1 if kind == "onehot" else 0)
+    return kind, stick_breaking_logits(logits), reinterpreted + 1
 
 
 class _AntitheticBernoulli(Estimator):
@@ -69,15 +67,12 @@ class _AntitheticBernoulli(Estimator):
 
     @classmethod
     def supports(cls, fn: Distribution) -> bool:
-        if bernoulli_logits(fn) is not None:
-            return True
-        found = discrete_base(fn)
-        return found is not None and len(fn.event_shape) == (1 if found[0] == "onehot" else 0)
+        return bernoulli_logits(fn) is not None or discrete_base(fn) is not None
 
     def _unsupported_reason(self, fn: Distribution) -> str:
         return (
-            " (it needs a Bernoulli, possibly .to_event or .expand-ed, or a Categorical or "
-            "OneHotCategorical without .to_event)"
+            " (it needs a Bernoulli, Categorical or OneHotCategorical, possibly .to_event or "
+            ".expand-ed)"
         )
 
     def sample_size(self, fn: Distribution) -> int:
@@ -142,13 +137,17 @@ class ARM(_AntitheticBernoulli):
     :math:`\\rho_k = \\pi_k / \\sum_{j \\ge k} \\pi_j`, the category being the first
     :math:`k` with :math:`b_k = 1`), the estimator applied to those :math:`K - 1`
     coordinates and the gradient taken through the stick-breaking logits (Dong, Mnih &
-    Tucker 2021, "Coupled Gradient Estimators for Discrete Latent Variables"). Unbiased for
-    any order of the categories; the variance depends on it.
+    Tucker 2021, "Coupled Gradient Estimators for Discrete Latent Variables"); with
+    ``.to_event``, :math:`f` sees the whole vector of categories and each latent's
+    :math:`K - 1` coordinates are estimated jointly, like a factorized Bernoulli's. Unbiased
+    for any order of the categories; the variance depends on it.
 
     Example::
 
         b = storch.sample("b", dist.Bernoulli(logits=phi).to_event(1), estimator=estimators.ARM())
         z = storch.sample("z", dist.Categorical(logits=psi), estimator=estimators.ARM())
+        y = storch.sample("y", dist.OneHotCategorical(logits=psi_20x10).to_event(1),
+                          estimator=estimators.ARM())   # 20 one-hot latents of 10
     """
 
     def _pair(self, logits, u):

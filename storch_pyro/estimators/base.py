@@ -229,9 +229,16 @@ def working_estimators(fn: Distribution) -> List[str]:
     return names
 
 
+def innermost_distribution(fn: Distribution) -> Distribution:
+    """The distribution at the end of ``fn``'s ``base_dist`` chain (through
+    ``Independent``, ``.expand``, masks): e.g. the ``Bernoulli`` of
+    ``Bernoulli(logits).expand([3]).to_event(1).mask(m)``."""
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn
+
+
 def _describe(fn: Distribution) -> str:
-    base: Optional[Distribution] = fn
-    while hasattr(base, "base_dist"):
-        base = base.base_dist
+    base = innermost_distribution(fn)
     name = type(base).__name__
     return name if base is fn else f"{type(fn).__name__}({name})"

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.distributions import Distribution, constraints
 
 from storch_pyro.errors import StorchError, UnsupportedDistributionError
-from storch_pyro.estimators.base import ControlContext, Estimator
+from storch_pyro.estimators.base import ControlContext, Estimator, innermost_distribution
 from storch_pyro.estimators.relaxation import discrete_base
 from storch_pyro.estimators.relaxed_sampling import (
     gumbel_conditional,
@@ -69,16 +69,9 @@ class _Draw:
     score: Optional[torch.Tensor] = None
 
 
-def _base_of(fn: Distribution) -> Distribution:
-    base = fn
-    while hasattr(base, "base_dist"):
-        base = base.base_dist
-    return base
-
-
 def _distribution_parameters(fn: Distribution) -> List[torch.Tensor]:
     """The tensors of ``fn``'s ``arg_constraints`` that it holds and that require grad."""
-    base = _base_of(fn)
+    base = innermost_distribution(fn)
     found = []
     for name in getattr(base, "arg_constraints", {}):
         value = vars(base).get(name)
@@ -218,7 +211,7 @@ class _RelaxedDiscrete(Estimator):
             index = z.argmax(-1)
             hard = F.one_hot(index, logits.shape[-1]).to(logits.dtype)
             z_tilde = gumbel_conditional(log_probs, hard, v)
-        targets = [t for t in [_base_of(fn).logits] if t.requires_grad]
+        targets = [t for t in [innermost_distribution(fn).logits] if t.requires_grad]
         state = _Draw(site, z, z_tilde, targets)
         if not self.relaxed_evaluations:
             return (index if kind == "categorical" else hard), state

@@ -13,7 +13,7 @@ from torch.distributions import (
     RelaxedOneHotCategorical,
 )
 
-from storch_pyro.estimators.base import Estimator
+from storch_pyro.estimators.base import Estimator, innermost_distribution
 from storch_pyro.param_state import param_store_state, set_param_store_state
 
 
@@ -21,10 +21,8 @@ def discrete_base(fn: Distribution) -> Optional[Tuple[str, torch.Tensor]]:
     """``(kind, logits)`` of a Bernoulli, Categorical or OneHotCategorical, possibly
     wrapped (``.to_event``, ``.expand``, masked); logits broadcast to the site's full shape
     (``batch + event``, plus the category dim for Categorical). ``None`` otherwise."""
-    base: Optional[Distribution] = fn
-    while base is not None and not isinstance(base, (Bernoulli, Categorical, OneHotCategorical)):
-        base = getattr(base, "base_dist", None)
-    if base is None:
+    base = innermost_distribution(fn)
+    if not isinstance(base, (Bernoulli, Categorical, OneHotCategorical)):
         return None
     shape = tuple(fn.batch_shape) + tuple(fn.event_shape)
     if isinstance(base, Bernoulli):
