@@ -262,6 +262,28 @@ def test_callable_temperature_is_called_with_increasing_steps_and_used():
     assert last.max() > 0.99, last
 
 
+def test_evaluating_the_loss_leaves_the_schedule_alone():
+    """Only training draws (autograd on) advance a schedule: StorchELBO.loss and
+    SVI.evaluate_loss (both under no_grad) do not, SVI.step does."""
+    estimator = estimators.GumbelSoftmax(lambda step: 1.0 / (1 + step))
+    logits = _leaf(LOGITS4)
+    elbo = storch.StorchELBO()
+    elbo.loss(_scg_onehot, None, logits, estimator)
+    assert estimator.step == 0
+    elbo.differentiable_loss(_scg_onehot, None, logits, estimator)
+    assert estimator.step == 1
+
+    def model():
+        _scg_onehot(pyro.param("logits", torch.tensor(LOGITS4, dtype=F64)), estimator)
+
+    svi = pyro.infer.SVI(model, None, pyro.optim.Adam({"lr": 0.01}), loss=elbo)
+    for _ in range(3):
+        svi.evaluate_loss()
+    assert estimator.step == 1
+    svi.step()
+    assert estimator.step == 2
+
+
 @pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan")])
 def test_invalid_temperature_raises(temperature):
     with pytest.raises(ValueError, match="temperature"):

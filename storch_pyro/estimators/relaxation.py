@@ -80,8 +80,11 @@ class GumbelSoftmax(_Relaxation):
     ``OneHotCategorical``). The site's log-densities (:math:`\\log q`, :math:`\\log p`) are
     evaluated at the discrete :math:`H(y)` and differentiated only through the parameters.
 
-    :param temperature: :math:`\\tau > 0`, a float, or a callable of the number of draws
-        made so far (a schedule, e.g. ``lambda step: max(0.5, math.exp(-1e-4 * step))``).
+    :param temperature: :math:`\\tau > 0`, a float, or a callable of the number of training
+        draws made so far (a schedule, e.g. ``lambda step: max(0.5, math.exp(-1e-4 *
+        step))``). Only draws made with autograd enabled count, so evaluating the loss
+        (``StorchELBO.loss``, ``SVI.evaluate_loss``, ``torch.no_grad``) leaves the schedule
+        where it is.
     :param bool hard: straight-through Gumbel.
     :param int n_samples: values drawn per site (a sample dim of that size).
     :param str name: where a schedule's step counter lives in Pyro's param store
@@ -126,7 +129,8 @@ class GumbelSoftmax(_Relaxation):
 
     @property
     def step(self) -> int:
-        """Draws made so far: the argument of a temperature schedule."""
+        """Training draws (autograd enabled) made so far: the argument of a temperature
+        schedule."""
         if self.name is None:
             return self._unnamed_step
         state = param_store_state(self.step_param_name)
@@ -162,7 +166,8 @@ class GumbelSoftmax(_Relaxation):
     def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]):
         kind, logits = discrete_base(fn)
         tau = torch.tensor(self.current_temperature(), dtype=logits.dtype, device=logits.device)
-        self._advance()
+        if torch.is_grad_enabled():  # evaluating the loss is not a training step
+            self._advance()
         if kind == "bernoulli":
             soft = RelaxedBernoulli(tau, logits=logits).rsample(sample_shape)
             hard = (soft > 0.5).to(soft.dtype)
