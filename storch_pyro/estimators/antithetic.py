@@ -49,29 +49,35 @@ ORDERS = ("given", "ascending", "descending")
 class _BinaryView(NamedTuple):
     """The independent binary coordinates behind a site: ``logits`` (a Bernoulli's own,
     broadcast to batch + event shape, or a Categorical's stick-breaking logits, broadcast to
-    batch shape + the dims ``.to_event`` reinterpreted + a last dim of size ``K - 1``),
-    ``event_dim`` (the event dims of ``logits``) and, for a reordered Categorical,
-    ``order`` (the category at each stick-breaking position, ``[..., K]``)."""
+    batch shape + the dims ``.to_event`` reinterpreted + a last dim of size ``K - 1``) and
+    ``event_dim`` (the event dims of ``logits``)."""
 
     kind: str
     logits: torch.Tensor
     event_dim: int
-    order: Optional[torch.Tensor] = None
 
 
-def _binary_view(fn: Distribution, order: str = "given") -> _BinaryView:
+def _category_order(fn: Distribution, order: str) -> Optional[torch.Tensor]:
+    """For a Categorical ``fn`` and ``order`` other than ``"given"``: the category at each
+    stick-breaking position (``[..., K]``, sorted by logit). A function of the detached
+    logits, hence a constant of the gradient. ``None`` otherwise."""
+    found = None if order == "given" else discrete_base(fn)
+    if found is None or found[0] == "bernoulli":
+        return None
+    return torch.argsort(found[1].detach(), dim=-1, stable=True,
+                         descending=order == "descending")
+
+
+def _binary_view(fn: Distribution, permutation: Optional[torch.Tensor] = None) -> _BinaryView:
     logits = bernoulli_logits(fn)
     if logits is not None:
         shape = fn.batch_shape + fn.event_shape
         return _BinaryView("bernoulli", torch.broadcast_to(logits, shape), len(fn.event_shape))
     kind, logits = discrete_base(fn)
     reinterpreted = len(fn.event_shape) - (1 if kind == "onehot" else 0)
-    permutation = None
-    if order != "given":  # a function of the detached logits: a constant of the gradient
-        permutation = torch.argsort(logits.detach(), dim=-1, stable=True,
-                                    descending=order == "descending")
+    if permutation is not None:
         logits = logits.gather(-1, permutation)
-    return _BinaryView(kind, stick_breaking_logits(logits), reinterpreted + 1, permutation)
+    return _BinaryView(kind, stick_breaking_logits(logits), reinterpreted + 1)
 
 
 class _AntitheticBernoulli(Estimator):
@@ -115,23 +121,24 @@ class _AntitheticBernoulli(Estimator):
         raise NotImplementedError
 
     def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]):
-        view = _binary_view(fn, self.order)
+        permutation = _category_order(fn, self.order)
+        view = _binary_view(fn, permutation)
         logits = view.logits.detach()
         pair_shape = (self.n_samples,) + tuple(sample_shape[1:]) + tuple(logits.shape)
         u = torch.rand(pair_shape, dtype=logits.dtype, device=logits.device)
         value = torch.cat(self._pair(logits, u), dim=0).to(logits.dtype)
         if view.kind != "bernoulli":
             value = _first_one(value)  # a stick-breaking position
-            if view.order is not None:  # its category
-                order = view.order.expand(value.shape + view.order.shape[-1:])
+            if permutation is not None:  # its category
+                order = permutation.expand(value.shape + permutation.shape[-1:])
                 value = order.gather(-1, value.unsqueeze(-1)).squeeze(-1)
             if view.kind == "onehot":
                 value = F.one_hot(value, logits.shape[-1] + 1).to(logits.dtype)
-        return value, u
+        return value, (u, permutation)
 
     def control_term(self, fn, state, sample_dim, downstream_cost):
-        u = state
-        _, logits, event_dim, _ = _binary_view(fn, self.order)
+        u, permutation = state
+        _, logits, event_dim = _binary_view(fn, permutation)
         cost = downstream_cost.reshape(downstream_cost.shape + (1,) * event_dim)
         dim = sample_dim - event_dim
         k = self.n_samples
