@@ -183,8 +183,8 @@ class ARM(_AntitheticBernoulli):
     breaks the stick from the least to the most probable category of each draw (the order
     is a function of the detached logits, so a constant of the gradient), which helps on
     peaked distributions (0.58 x the variance of the given order on two Categorical(10)
-    with probabilities 0.0005-0.41; +3.2 nats of test bound for DisARM on a 20 x
-    Categorical(10) VAE on MNIST) and hurts a little on flat ones (1.1-1.3 x); the paper's
+    with probabilities 0.0005-0.41; +2.3 +- 0.4 nats of test bound for DisARM on a 20 x
+    Categorical(10) VAE on MNIST, 3 seeds) and hurts a little on flat ones (1.1-1.3 x); the paper's
     categorical experiments use it.
 
     :param int n_samples: antithetic pairs per site.
