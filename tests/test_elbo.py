@@ -40,7 +40,9 @@ def rich_model():
         pyro.sample("x", dist.Normal(k.float(), 1.0), obs=X_OBS, obs_mask=X_MASK)
 
 
-def rich_guide():
+def rich_guide(guide_cost=None):
+    """``guide_cost``: also an ``add_cost`` of that value per element of plate "p2" (inside
+    the plate: a plate is entered once per name, as poutine.trace requires)."""
     m = pyro.param("m", torch.tensor(0.1))
     p = pyro.param("p", torch.tensor(0.6), constraint=constraints.unit_interval)
     k_logits = pyro.param("k_logits", torch.zeros(3))
@@ -53,6 +55,8 @@ def rich_guide():
         with poutine.mask(mask=K_MASK):
             pyro.sample("k", dist.Categorical(logits=k_logits))
         pyro.sample("x_unobserved", dist.Normal(x_loc, 1.0))
+        if guide_cost is not None:
+            storch.add_cost("guide_cost", torch.tensor(guide_cost))
 
 
 def scg_model(x):
@@ -905,21 +909,7 @@ def test_add_cost_in_model_and_guide_adds_to_neg_elbo():
         storch.add_cost("model_cost", torch.tensor(5.0))
 
     def guide_with_cost():
-        # rich_guide with a cost in its plate "p2" (a plate is entered once per name, as
-        # poutine.trace requires; re-entering it by name raises, as under Trace_ELBO)
-        m = pyro.param("m", torch.tensor(0.1))
-        p = pyro.param("p", torch.tensor(0.6), constraint=constraints.unit_interval)
-        k_logits = pyro.param("k_logits", torch.zeros(3))
-        x_loc = pyro.param("x_loc", torch.zeros(4))
-        pyro.sample("mu", dist.Normal(m, 1.0))
-        pyro.sample("s", dist.Bernoulli(p))
-        with pyro.plate("data", 10, subsample_size=4):
-            pass
-        with pyro.plate("p2", 4):
-            with poutine.mask(mask=K_MASK):
-                pyro.sample("k", dist.Categorical(logits=k_logits))
-            pyro.sample("x_unobserved", dist.Normal(x_loc, 1.0))
-            storch.add_cost("guide_cost", torch.tensor(0.25))
+        rich_guide(guide_cost=0.25)
 
     pyro.set_rng_seed(9)
     expected = pyro.infer.Trace_ELBO().loss(rich_model, rich_guide)
