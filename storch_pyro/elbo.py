@@ -1,9 +1,11 @@
 """StorchELBO: a :class:`pyro.infer.ELBO` whose gradient is each site's chosen estimator."""
 
 import math
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
 import pyro
+import pyro.util
 import torch
 from pyro import poutine
 from pyro.infer.elbo import ELBO
@@ -13,19 +15,14 @@ from pyro.poutine.subsample_messenger import _Subsample
 
 from storch_pyro.errors import NonFiniteCostError
 from storch_pyro.estimators.base import Estimator
-from storch_pyro.handlers.tracing import (
-    NeedsPlateNesting,
-    Run,
-    StorchMessenger,
-    resolve_site,
-)
+from storch_pyro.handlers.tracing import Run, StorchMessenger, resolve_site
 from storch_pyro.surrogate import (
     backward_with_variance,
     expected_cost,
     raise_if_not_finite,
     surrogate_loss,
 )
-from storch_pyro.validation import PyroChecks, check_guide_supported
+from storch_pyro.validation import check_guide_supported, check_run
 
 
 class StorchELBO(ELBO):
@@ -55,15 +52,20 @@ class StorchELBO(ELBO):
     :param Estimator default_estimator: for sites with no estimator from the call or a
         handler (otherwise Pathwise where ``has_rsample``, else ScoreFunction).
     :param bool validate_every_step: with Pyro's validation on (its default), StorchELBO
-        validates distributions, model/guide match and loss finiteness on the first step
-        of each model structure (the sequence of site names), then skips that work for
-        structures it has validated, which saves a fifth of the step time of a small model
-        and avoids device syncs on a GPU. (A step whose unvalidated run shows a new
-        structure is drawn again with validation, so a program with side effects, such as
-        an environment it steps, runs twice on such steps.) ``True`` validates every step
-        and never redraws: do this when later minibatches may hold data outside a
-        distribution's support, or when the structure changes often (episodes of varying
-        length) and the program has side effects.
+        validates distributions, values, the model/guide match and the loss's finiteness on
+        the first step of each model structure (the sequence of cost and site names), then
+        skips that work for structures it has validated, which saves a fifth of the step
+        time of a small model and avoids device syncs on a GPU. A step is never drawn twice:
+        a step whose (unvalidated) run shows a new structure is validated after the fact, on
+        its recorded distributions and values (:mod:`storch_pyro.validation`), so the
+        estimate has the same distribution whatever the setting. ``True`` validates every
+        step as it runs: do this when later minibatches may hold data outside a
+        distribution's support.
+
+    When ``max_plate_nesting`` is not given, the first call runs the program once more to
+    guess it (as Pyro's ``TraceEnum_ELBO`` does), before the draw that is returned; pass
+    ``max_plate_nesting`` to skip that extra run (e.g. for a program that steps an
+    environment).
 
     Example::
 
@@ -94,7 +96,7 @@ class StorchELBO(ELBO):
         self.default_estimator = default_estimator
         self.validate_every_step = validate_every_step
         self._validated_structures: set = set()
-        self._last_structure: Optional[tuple] = None
+        self._nesting_guessed = False
 
     # ---- public interface ------------------------------------------------------------------
     def loss(self, model: Callable, guide: Optional[Callable], *args: Any, **kwargs: Any) -> float:
@@ -144,29 +146,35 @@ class StorchELBO(ELBO):
         return total / self.num_particles if self.num_particles != 1 else total
 
     def _validated_runs(self, model, guide, args, kwargs):
-        """Runs all particles, with Pyro's validation on only for a new model structure
-        (see ``validate_every_step``). Returns the runs and whether they were validated."""
+        """Runs all particles and validates them (see ``validate_every_step``): inline on
+        the first step and with ``validate_every_step``, else after the fact for runs whose
+        structure is new. Never draws a run twice. Returns the runs and whether they were
+        validated."""
         if not is_validation_enabled():
             return list(self._runs(model, guide, args, kwargs)), False
-        if not self.validate_every_step and self._last_structure in self._validated_structures:
-            with pyro.validation_enabled(False):
-                runs = list(self._runs(model, guide, args, kwargs))
-            structure = runs[0].structure()
-            if structure in self._validated_structures:
-                self._last_structure = structure
-                return runs, False
-            # A structure not seen before: draw again, this time validated.
-        runs = list(self._runs(model, guide, args, kwargs))
-        self._last_structure = runs[0].structure()
-        self._validated_structures.add(self._last_structure)
-        return runs, True
+        if self.validate_every_step or not self._validated_structures:
+            runs = list(self._runs(model, guide, args, kwargs))  # checked as they run
+            self._validated_structures.update(run.structure() for run in runs)
+            return runs, True
+        with pyro.validation_enabled(False):
+            runs = list(self._runs(model, guide, args, kwargs))
+        validated = False
+        for run in runs:
+            structure = run.structure()
+            if structure not in self._validated_structures:
+                check_run(run, self._check_nesting(run), after_the_fact=True)
+                self._validated_structures.add(structure)
+                validated = True
+        return runs, validated
 
     def _runs(self, model, guide, args, kwargs) -> Iterator[Run]:
         """One :class:`Run` per particle (a single one when vectorized)."""
         check_guide_supported(guide)
+        if self.max_plate_nesting == float("inf"):
+            # Before any draw that is returned: a run aborted where a sample dim is first
+            # needed and drawn again would condition the estimate on its first sites.
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
         if self.vectorize_particles and self.num_particles > 1:
-            if self.max_plate_nesting == float("inf"):
-                self._guess_max_plate_nesting(model, guide, args, kwargs)
             model = self._vectorized_num_particles(model)
             if guide is not None:
                 guide = self._vectorized_num_particles(guide)
@@ -174,50 +182,72 @@ class StorchELBO(ELBO):
         else:
             runs = self.num_particles
         for _ in range(runs):
-            try:
-                yield self._run(model, guide, args, kwargs)
-            except NeedsPlateNesting:
-                self._guess_max_plate_nesting(model, guide, args, kwargs)
-                yield self._run(model, guide, args, kwargs)
+            yield self._run(model, guide, args, kwargs)
 
     def _run(self, model, guide, args, kwargs) -> Run:
-        first_sample_dim = (
-            None if self.max_plate_nesting == float("inf") else -int(self.max_plate_nesting) - 1
-        )
+        first_sample_dim = -int(self.max_plate_nesting) - 1
         run = Run(self.default_estimator, first_sample_dim, args, kwargs)
-        checks = PyroChecks(run, is_validation_enabled(), self.max_plate_nesting)
         if guide is None:
-            with StorchMessenger(run, "scg"), checks.recording("scg"):
+            with StorchMessenger(run, "scg"):
                 model(*args, **kwargs)
         else:
-            with StorchMessenger(run, "guide"), checks.recording("guide"):
+            with StorchMessenger(run, "guide"):
                 guide(*args, **kwargs)
-            with StorchMessenger(run, "model"), checks.recording("model"):
+            with StorchMessenger(run, "model"):
                 model(*args, **kwargs)
-        checks.check()
+        if is_validation_enabled():
+            check_run(run, self._check_nesting(run))
         return run
+
+    def _check_nesting(self, run: Run) -> float:
+        """The ``max_plate_nesting`` Pyro's shape checks use: a guessed value only where the
+        run has sample dims to ignore (a guess from one run must not reject a later
+        structure's deeper plates)."""
+        if self._nesting_guessed and not run.sample_frames:
+            return float("inf")
+        return self.max_plate_nesting
 
     def _get_trace(self, model, guide, args, kwargs) -> Run:
         """One particle's record (the hook :class:`pyro.infer.ELBO` asks for)."""
+        if self.max_plate_nesting == float("inf"):
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
         return self._run(model, guide, args, kwargs)
 
     def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
         """Sets ``max_plate_nesting`` from one run without sample dims: the deepest plate
         dim, or the largest batch rank of any site or cost if that is larger (so sample dims
-        never collide with undeclared batch dims). Like Pyro's, this run draws random
-        numbers."""
+        never collide with undeclared batch dims). With vectorized particles this run draws
+        random numbers, as Pyro's guess does; otherwise the random number generators are
+        restored after it, so the step draws what it would have drawn without it."""
+        vectorized = self.vectorize_particles and self.num_particles > 1
         probe = _NestingProbe(self.default_estimator)
-        with poutine.block():
+        with _rng_restored(not vectorized), poutine.block():
             if guide is None:
                 with probe:
                     model(*args, **kwargs)
             else:
                 with probe:
-                    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-                    poutine.replay(model, trace=guide_trace)(*args, **kwargs)
-        if self.vectorize_particles and self.num_particles > 1:
-            probe.nesting += 1
-        self.max_plate_nesting = probe.nesting
+                    with poutine.trace() as guide_tracer:  # no trace shapes in errors
+                        guide(*args, **kwargs)
+                    poutine.replay(model, trace=guide_tracer.trace)(*args, **kwargs)
+        self.max_plate_nesting = probe.nesting + (1 if vectorized else 0)
+        self._nesting_guessed = True
+
+
+@contextmanager
+def _rng_restored(enabled: bool):
+    """Restores Pyro's random number generators (torch's, Python's, NumPy's, and CUDA's where
+    initialized) on exit."""
+    if not enabled:
+        yield
+        return
+    state = pyro.util.get_rng_state()
+    devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            pyro.util.set_rng_state(state)
 
 
 class _NestingProbe(Messenger):

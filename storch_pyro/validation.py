@@ -1,82 +1,154 @@
-"""Pyro's own model/guide checks, run by :class:`~storch_pyro.StorchELBO` on validated steps.
+"""Pyro's validation for :class:`~storch_pyro.StorchELBO`, of the draw that is returned.
 
-So that a model and guide written for ``Trace_ELBO`` / ``TraceGraph_ELBO`` fail (or warn) the
-same way under StorchELBO, the guide and model passes of a validated step are also recorded
-as Pyro traces (as ``poutine.trace`` records them) and handed to the checks Pyro's losses run:
-:func:`pyro.util.check_model_guide_match` (sites in one but not the other, auxiliary sites,
-event dims and shapes that disagree, plates in the guide only, ``pyro.factor`` in the guide
-without ``has_rsample``), :func:`pyro.util.check_site_shape` (plate dim collisions, batch
-dims outside any plate, ``max_plate_nesting`` too small) and a warning for guide sites
-annotated for enumeration. Duplicate site names raise as in ``poutine.trace``.
+A validated step checks what Pyro's losses check, so that a model and guide written for
+``Trace_ELBO`` / ``TraceGraph_ELBO`` fail (or warn) the same way under StorchELBO:
+distribution parameters and values (torch's ``validate_args``), and, on the guide and model
+passes recorded as Pyro traces, :func:`pyro.util.check_model_guide_match` (sites in one but not
+the other, auxiliary sites, event dims and shapes that disagree, plates in the guide only,
+``pyro.factor`` in the guide without ``has_rsample``), :func:`pyro.util.check_site_shape`
+(plate dim collisions, batch dims outside any plate, ``max_plate_nesting`` too small), a
+warning for guide sites annotated for enumeration, and duplicate site names.
+
+A step is validated in one of two ways, and **never drawn twice**: a second, validated draw
+of a step whose first draw showed a new structure would condition the returned estimate on
+that structure, a bias wherever the structure is random (control flow on sampled values,
+episodes of random length).
+
+- **Inline** (:func:`check_run` after a run under Pyro's validation): torch checks each
+  distribution as it is built and each value as it is scored.
+- **After the fact** (:func:`check_run` with ``after_the_fact=True``, after a run with Pyro's
+  validation off): the run's recorded sample sites are checked as torch would have checked
+  them (:func:`check_distribution`, :func:`check_value`), then the same trace checks run.
+  This is how StorchELBO validates a step whose structure is new while keeping the fast,
+  unvalidated path for the structures it has validated.
 
 Dims left of ``max_plate_nesting`` are ignored by the shape checks, as Pyro ignores
 enumeration dims there, so the sample dims of multi-sample sites pass.
 """
 
 import warnings
-from contextlib import nullcontext
-from typing import Callable, ContextManager, Optional
+from typing import Callable, Optional
 
+import torch
 from pyro import poutine
 from pyro.poutine.guide import GuideMessenger
-from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.trace_struct import Trace
 from pyro.util import check_model_guide_match, check_site_shape
+from torch.distributions import Distribution, constraints
+from torch.distributions.utils import lazy_property
 
 from storch_pyro.handlers.tracing import Run
 
 
-class PyroChecks:
-    """Records a run's guide and model traces when ``enabled`` and checks them.
+def check_run(run: Run, max_plate_nesting: float, after_the_fact: bool = False) -> None:
+    """Pyro's checks on a finished run (see the module docstring).
 
-    Example::
-
-        checks = PyroChecks(run, enabled=is_validation_enabled(), max_plate_nesting=2)
-        with StorchMessenger(run, "guide"), checks.recording("guide"):
-            guide()
-        with StorchMessenger(run, "model"), checks.recording("model"):
-            model()
-        checks.check()
+    :param Run run: the record of one particle's guide and model passes.
+    :param max_plate_nesting: the loss's ``max_plate_nesting`` (dims left of it are ignored).
+    :param bool after_the_fact: the run was drawn with Pyro's validation off: check its
+        distributions and values too, as torch checks them when validation is on.
     """
-
-    def __init__(self, run: Run, enabled: bool, max_plate_nesting: float) -> None:
-        self.run = run
-        self.enabled = enabled
-        self.max_plate_nesting = max_plate_nesting
-        self.traces: dict = {}
-
-    def recording(self, role: str) -> ContextManager:
-        """A context that records the pass of ``role`` (``"guide"``, ``"model"`` or
-        ``"scg"``); enter it inside the :class:`StorchMessenger` of that pass."""
-        if not self.enabled:
-            return nullcontext()
-        tracer = TraceMessenger()
-        self.traces[role] = tracer
-        return tracer
-
-    def check(self) -> None:
-        """Pyro's checks on the recorded traces (nothing when not enabled)."""
-        if not self.enabled:
-            return
-        traces = {role: tracer.trace for role, tracer in self.traces.items()}
-        if "guide" in traces:
-            check_model_guide_match(traces["model"], traces["guide"], self.max_plate_nesting)
-            warn_if_enumerated(traces["guide"])
+    traces = {role: _trace_of(messages) for role, messages in run.messages.items()}
+    if after_the_fact:
         for trace in traces.values():
-            self._check_site_shapes(trace)
+            for site in _sample_sites(trace):
+                _check_site(run, site)
+    if "guide" in traces:
+        check_model_guide_match(traces["model"], traces["guide"], max_plate_nesting)
+        warn_if_enumerated(traces["guide"])
+    for trace in traces.values():
+        for site in _sample_sites(trace):
+            site["log_prob"] = _log_density(run, site)
+            check_site_shape(site, max_plate_nesting)
 
-    def _check_site_shapes(self, trace: Trace) -> None:
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
+
+def check_distribution(fn: Distribution) -> None:
+    """Raises torch's ``ValueError`` if a parameter of ``fn`` or of a distribution it wraps
+    (``base_dist``, mixture components, ...) violates its constraint, as
+    ``Distribution.__init__`` does with ``validate_args=True``."""
+    seen = set()
+    stack = [fn]
+    while stack:
+        d = stack.pop()
+        if id(d) in seen:
+            continue
+        seen.add(id(d))
+        stack.extend(v for v in vars(d).values() if isinstance(v, Distribution))
+        try:
+            arg_constraints = d.arg_constraints
+        except NotImplementedError:
+            continue
+        for param, constraint in arg_constraints.items():
+            if constraints.is_dependent(constraint):
                 continue
-            owner = self.run.density_owners.get(name)  # an estimator's own log-density
-            if owner is not None:
-                log_prob = owner[0].log_density(site["fn"], site["value"], owner[1])
-            else:
-                value = self.run.density_values.get(name, site["value"])
-                log_prob = site["fn"].log_prob(value)
-            site["log_prob"] = log_prob
-            check_site_shape(site, self.max_plate_nesting)
+            if param not in d.__dict__ and isinstance(getattr(type(d), param, None), lazy_property):
+                continue  # a lazily computed parameter that nobody asked for
+            value = getattr(d, param)
+            if not torch._is_all_true(constraint.check(value)):
+                raise ValueError(
+                    f"Expected parameter {param} ({type(value).__name__} of shape "
+                    f"{tuple(value.shape)}) of distribution {d!r} to satisfy the constraint "
+                    f"{constraint!r}, but found invalid values:\n{value}"
+                )
+
+
+def check_value(fn: Distribution, value: torch.Tensor) -> None:
+    """Raises torch's ``ValueError`` if ``value`` is outside the support of ``fn`` or does
+    not broadcast with its shape, as ``log_prob`` does with ``validate_args=True``."""
+    try:
+        fn.support
+    except NotImplementedError:
+        return  # torch would only warn that it cannot check
+    fn._validate_sample(value)
+
+
+def _check_site(run: Run, site: dict) -> None:
+    name, fn = site["name"], site["fn"]
+    if _is_subsample(fn):
+        return
+    scale = site["scale"]
+    if isinstance(scale, torch.Tensor) and not torch._is_all_true(scale > 0):
+        raise ValueError(
+            f"at site '{name}': expected scale > 0 but got {scale}. Consider using "
+            f"poutine.mask() instead of poutine.scale()."
+        )
+    if not isinstance(fn, Distribution):
+        return
+    try:
+        check_distribution(fn)
+        if name not in run.density_owners:  # an estimator's own density checks its values
+            check_value(fn, run.density_values.get(name, site["value"]))
+    except ValueError as error:
+        raise ValueError(
+            f"at site '{name}' (checked after the run, as its structure was new): {error}"
+        ) from error
+
+
+def _log_density(run: Run, site: dict) -> torch.Tensor:
+    name = site["name"]
+    owner = run.density_owners.get(name)  # an estimator's own log-density
+    if owner is not None:
+        return owner[0].log_density(site["fn"], site["value"], owner[1])
+    return site["fn"].log_prob(run.density_values.get(name, site["value"]))
+
+
+def _trace_of(messages) -> Trace:
+    trace = Trace()
+    for msg in messages:
+        # Raises on a duplicate site name, as poutine.trace does.
+        trace.add_node(msg["name"], **dict(msg))
+    return trace
+
+
+def _sample_sites(trace: Trace):
+    return [
+        site for site in trace.nodes.values()
+        if site["type"] == "sample" and not _is_subsample(site["fn"])
+    ]
+
+
+def _is_subsample(fn) -> bool:
+    return type(fn).__name__ == "_Subsample"
 
 
 def check_guide_supported(guide: Optional[Callable]) -> None:
@@ -113,4 +185,3 @@ def warn_if_enumerated(guide_trace: Trace) -> None:
             "the annotation and samples them with their estimator.",
             stacklevel=2,
         )
-

@@ -102,6 +102,8 @@ class Run:
         self.density_values: Dict[str, torch.Tensor] = {}
         #: Sites whose estimator computes their log-densities itself: (estimator, state).
         self.density_owners: Dict[str, Tuple[Estimator, Any]] = {}
+        #: Each pass's sample messages (by role), for Pyro's checks on validated steps.
+        self.messages: Dict[str, List[Message]] = {}
 
     def structure(self) -> tuple:
         """The sequence of cost and stochastic-site names: what identifies a model
@@ -208,6 +210,7 @@ class StorchMessenger(Messenger):
         super().__init__()
         self.run = run
         self.role = role
+        self._messages = run.messages.setdefault(role, [])
         self._pending: Dict[str, Tuple[Estimator, Optional[Baseline], Optional[int], Any]] = {}
 
     # ---- drawing -------------------------------------------------------------------------
@@ -251,6 +254,7 @@ class StorchMessenger(Messenger):
 
     # ---- recording -----------------------------------------------------------------------
     def _pyro_post_sample(self, msg: Message) -> None:
+        self._messages.append(msg)
         run = self.run
         name = msg["name"]
         fn = msg["fn"]
