@@ -158,3 +158,37 @@ def test_duplicate_sites_on_a_new_structure_are_still_caught():
     elbo.loss_and_grads(model, None, False)
     with pytest.raises(RuntimeError, match="Multiple sample sites named 'a'"):
         elbo.loss_and_grads(model, None, True)
+
+
+def _late_sample_dim(t):
+    z = storch.sample("z", dist.Bernoulli(logits=t))  # P(z = 1) = sigmoid(0.5) = 0.62
+    storch.add_cost("c", 4.0 * z)
+    if z.item():
+        w = storch.sample(
+            "w", dist.Bernoulli(logits=t), estimator=estimators.ScoreFunction(n_samples=2)
+        )
+        storch.add_cost("w", 3.0 * w)
+
+
+def test_first_draw_needing_a_sample_dim_is_not_discarded():
+    """A fresh loss does not know where sample dims go until it has guessed
+    max_plate_nesting; it used to abort a draw at its first multi-sample site and draw again,
+    which made the first step of a loss see z = 1 with probability p^2 instead of p. The
+    guess now comes first. E[loss] = 4 p + 3 p^2 and d/dt = (4 + 6 p) p (1 - p). Power: 2000
+    fresh losses give standard errors of 0.066 (value) and 0.035 (gradient), so a bias of
+    0.30 / 0.16 fails (a twelfth of each); the old abort gave a value bias of -1.33 (z = -25).
+    """
+    n = 2000
+    values, grads = [], []
+    for _ in range(n):
+        t = torch.tensor(0.5, requires_grad=True)
+        loss = storch.StorchELBO().differentiable_loss(_late_sample_dim, None, t)
+        values.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, t)[0])
+    p = torch.sigmoid(torch.tensor(0.5))
+    for samples, exact in (
+        (torch.stack(values), 4 * p + 3 * p ** 2),
+        (torch.stack(grads), (4 + 6 * p) * p * (1 - p)),
+    ):
+        se = samples.std() / n ** 0.5
+        assert abs(samples.mean() - exact) < 4.5 * se
