@@ -17,10 +17,10 @@ from storch_pyro.errors import NonFiniteCostError
 from storch_pyro.estimators.base import Estimator
 from storch_pyro.handlers.tracing import Run, StorchMessenger, resolve_site
 from storch_pyro.surrogate import (
-    backward_with_variance,
     expected_cost,
     raise_if_not_finite,
     surrogate_loss,
+    with_variance_gradients,
 )
 from storch_pyro.validation import check_guide_supported, check_run
 
@@ -113,7 +113,9 @@ class StorchELBO(ELBO):
         self, model: Callable, guide: Optional[Callable], *args: Any, **kwargs: Any
     ) -> torch.Tensor:
         """The surrogate loss: a tensor whose value estimates the objective and whose
-        gradient is the estimators' gradient estimate."""
+        gradient is the estimators' gradient estimate for the model and guide parameters,
+        and the variance gradient for the parameters of learned control variates (REBAR,
+        RELAX, LAX): one optimizer over it trains everything."""
         runs, validated = self._validated_runs(model, guide, args, kwargs)
         total = self._total(runs)
         if validated and not bool(torch.isfinite(total)):
@@ -123,19 +125,15 @@ class StorchELBO(ELBO):
     def loss_and_grads(
         self, model: Callable, guide: Optional[Callable], *args: Any, **kwargs: Any
     ) -> float:
-        """Backpropagates the surrogate loss and returns its value as a float."""
+        """Backpropagates the surrogate loss (:meth:`differentiable_loss`) and returns its
+        value as a float."""
         runs, _ = self._validated_runs(model, guide, args, kwargs)
         surrogate = self._total(runs)
         value = surrogate.item()
         if not math.isfinite(value):
             _raise_not_finite(runs)
         if surrogate.requires_grad:
-            tuned = [node for run in runs for node in run.nodes
-                     if node.estimator.trains_control_variate]
-            if tuned:
-                backward_with_variance(surrogate, tuned, self.retain_graph)
-            else:
-                surrogate.backward(retain_graph=self.retain_graph)
+            surrogate.backward(retain_graph=self.retain_graph)
         return value
 
     # ---- internals -------------------------------------------------------------------------
@@ -143,7 +141,11 @@ class StorchELBO(ELBO):
         total = surrogate_loss(runs[0])
         for run in runs[1:]:
             total = total + surrogate_loss(run)
-        return total / self.num_particles if self.num_particles != 1 else total
+        if self.num_particles != 1:
+            total = total / self.num_particles
+        tuned = [node for run in runs for node in run.nodes
+                 if node.estimator.trains_control_variate]
+        return with_variance_gradients(total, tuned) if tuned else total
 
     def _validated_runs(self, model, guide, args, kwargs):
         """Runs all particles and validates them (see ``validate_every_step``): inline on

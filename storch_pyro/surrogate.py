@@ -327,43 +327,60 @@ def _baseline_term(
     return term
 
 
-def backward_with_variance(
-    surrogate: torch.Tensor, nodes: List[Node], retain_graph: Optional[bool] = None
-) -> None:
-    r"""Backpropagates ``surrogate``, except into the control-variate parameters of
-    ``nodes`` (REBAR's :math:`\eta, \lambda`, RELAX's and LAX's :math:`\phi`): their
-    gradient is that of the variance objective
-    :math:`\sum \hat g^2`, :math:`\hat g = \partial \mathcal{S} / \partial \vartheta`
-    for the nodes' distribution parameters :math:`\vartheta`
-    (:meth:`~storch_pyro.estimators.base.Estimator.variance_parameters`), i.e.
+def with_variance_gradients(surrogate: torch.Tensor, nodes: List[Node]) -> torch.Tensor:
+    r"""``surrogate`` plus a zero-valued term that gives the control-variate parameters
+    :math:`\phi` of ``nodes`` (REBAR's :math:`\eta, \lambda`, RELAX's and LAX's networks)
+    the gradient of the variance objective :math:`\sum \hat g^2` instead of the
+    surrogate's own (which has no meaning for them), where
+    :math:`\hat g = \partial \mathcal{S} / \partial \vartheta` for the nodes'
+    distribution parameters :math:`\vartheta`
+    (:meth:`~storch_pyro.estimators.base.Estimator.variance_parameters`); as
     :math:`\mathbb{E}[2\hat g\,\partial_\phi \hat g] = \partial_\phi \mathbb{E}[\hat g^2]`
-    (Tucker et al. 2017, Grathwohl et al. 2018). The surrogate's own gradient for those
-    parameters has no meaning and is dropped."""
+    (Tucker et al. 2017, Grathwohl et al. 2018), this trains them to lower the variance:
+
+    .. math::
+
+        \mathcal{S} + \sum_\phi \big\langle \phi,\ \bot(\partial_\phi \textstyle\sum
+        \hat g^2 - \partial_\phi \mathcal{S}) \big\rangle - \bot(\cdot)
+
+    The model and guide parameters keep the estimator's gradient, so one optimizer over
+    ``differentiable_loss`` trains everything, and ``loss_and_grads`` is its backward.
+    Computing the term costs one double backward, done here (first order only)."""
     targets: Dict[int, torch.Tensor] = {}
     params: Dict[int, torch.Tensor] = {}
     for node in nodes:
         node_targets, node_params = node.estimator.variance_parameters(node.state)
         targets.update((id(t), t) for t in node_targets if t.requires_grad)
         params.update((id(p), p) for p in node_params if p.requires_grad)
-    if not params:
-        surrogate.backward(retain_graph=retain_graph)
-        return
+    if not params or not surrogate.requires_grad:
+        return surrogate
     leaves = list(params.values())
-    variance = None
+    own = torch.autograd.grad(surrogate, leaves, retain_graph=True, allow_unused=True)
+    of_variance: List[Optional[torch.Tensor]] = [None] * len(leaves)
     if targets:
         grads = torch.autograd.grad(
             surrogate, list(targets.values()), create_graph=True, allow_unused=True
         )
         variance = sum(g.pow(2).sum() for g in grads if g is not None)
-    saved = [None if p.grad is None else p.grad.clone() for p in leaves]
-    surrogate.backward(retain_graph=True if variance is not None else retain_graph)
-    for param, grad in zip(leaves, saved):
-        param.grad = grad
-    if isinstance(variance, torch.Tensor) and variance.requires_grad:
-        grads = torch.autograd.grad(variance, leaves, allow_unused=True)
-        for param, grad in zip(leaves, grads):
-            if grad is not None:
-                param.grad = grad if param.grad is None else param.grad + grad
+        if isinstance(variance, torch.Tensor) and variance.requires_grad:
+            of_variance = list(
+                torch.autograd.grad(variance, leaves, retain_graph=True, allow_unused=True)
+            )
+    correction = None
+    for param, own_grad, variance_grad in zip(leaves, own, of_variance):
+        if own_grad is None and variance_grad is None:
+            continue
+        if own_grad is None:
+            delta = variance_grad
+        elif variance_grad is None:
+            delta = -own_grad
+        else:
+            delta = variance_grad - own_grad
+        term = (param * delta.detach()).sum()
+        correction = term if correction is None else correction + term
+    if correction is None:
+        return surrogate
+    return surrogate + (correction - correction.detach())
 
 
 def raise_if_not_finite(run: Run) -> None:

@@ -189,10 +189,11 @@ class Estimator:
         raise NotImplementedError
 
     def variance_parameters(self, state: Any) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        r"""With :attr:`trains_control_variate`: ``(targets, params)``. ``loss_and_grads``
-        sets the gradient of each of ``params`` (leaf tensors) to that of
-        :math:`\sum \hat g^2`, where :math:`\hat g` is the gradient estimate w.r.t.
-        ``targets`` (the site's distribution parameters), instead of the surrogate's."""
+        r"""With :attr:`trains_control_variate`: ``(targets, params)``. The surrogate
+        gives each of ``params`` (leaf tensors) the gradient of :math:`\sum \hat g^2`,
+        where :math:`\hat g` is the gradient estimate w.r.t. ``targets`` (the site's
+        distribution parameters), instead of its own
+        (:func:`~storch_pyro.surrogate.with_variance_gradients`)."""
         return [], []
 
     def check(self, site: str, fn: Distribution) -> None:

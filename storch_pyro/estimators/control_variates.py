@@ -30,9 +30,9 @@ store, so ``SVI``'s optimizer updates them and they checkpoint with the store:
 ``storch_pyro.rebar.<site>.eta`` and ``.temperature`` (:math:`\\lambda`, constrained
 positive), ``storch_pyro.relax.<site>.eta`` / ``.temperature`` and the network
 ``storch_pyro.relax.<site>`` (``pyro.module``), ``storch_pyro.lax.<site>``.
-``differentiable_loss`` gives the estimator's first-order gradient for the model and guide
-parameters; its gradient for the control-variate parameters is meaningless (train them with
-``loss_and_grads``). Higher-order gradients are not promised.
+``differentiable_loss`` gives the same gradients (``loss_and_grads`` is its backward): one
+torch optimizer over it trains the model, the guide and the control variates. Higher-order
+gradients are not promised.
 """
 
 from dataclasses import dataclass, field
