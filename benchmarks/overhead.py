@@ -21,10 +21,13 @@ process after a warm-up; the table gives the median over rounds of the time per 
     python -m benchmarks.overhead                      # batch 64, CPU, 1 thread
     python -m benchmarks.overhead --batch-sizes 1 64 1024 --device cuda
     python -m benchmarks.overhead --profile            # cProfile of the StorchELBO step
+    python -m benchmarks.overhead --chain 10 100 1000  # sequential programs (benchmarks.chains)
+    python -m benchmarks.overhead --enum-chain 10 16 20
 """
 
 import argparse
 import cProfile
+import os
 import pstats
 import statistics
 import time
@@ -37,6 +40,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import storch_pyro as storch
+from benchmarks import chains
 from storch_pyro import baselines, estimators, handlers
 
 N_LATENT, N_CAT, N_PIXEL, HIDDEN = 20, 10, 64, 128
@@ -223,6 +227,28 @@ def profile(batch_size: int, args) -> None:
     pstats.Stats(profiler).strip_dirs().sort_stats("cumulative").print_stats(25)
 
 
+def run_chains(args) -> None:
+    """The sequential-program tables of :mod:`benchmarks.chains` (steps per block scaled
+    down with T so that a block takes about as long at every length)."""
+    load = os.getloadavg()[0]
+    print(f"device: cpu, threads: {args.threads}, validation: {not args.no_validation}, "
+          f"load average {load:.2f}, median of {args.rounds} rounds\n")
+    for kind, lengths, make in (
+        ("chain", args.chain, chains.make_chain_steps),
+        ("enum-chain", args.enum_chain, chains.make_enum_chain_steps),
+    ):
+        if not lengths:
+            continue
+        results = {}
+        for T in lengths:
+            pyro.clear_param_store()
+            pyro.set_rng_seed(0)
+            n_steps = max(1, args.steps * 10 // T)
+            results[T] = chains.time_steps(make(T), n_steps, args.rounds, min(args.warmup, 3))
+        chains.print_chain_table(kind, results)
+        print()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64])
@@ -235,6 +261,10 @@ def main(argv=None) -> None:
                         help="pyro.enable_validation(False) (on by default, as in Pyro)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the StorchELBO step (first batch size) instead")
+    parser.add_argument("--chain", type=int, nargs="+", metavar="T",
+                        help="time the score-function chain of T steps instead (see chains.py)")
+    parser.add_argument("--enum-chain", type=int, nargs="+", metavar="T",
+                        help="time the enumerated chain of T steps instead (see chains.py)")
     parser.add_argument("--smoke", action="store_true", help="a few steps, for tests")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -243,6 +273,9 @@ def main(argv=None) -> None:
     pyro.enable_validation(not args.no_validation)
     if args.profile:
         profile(args.batch_sizes[0], args)
+        return
+    if args.chain or args.enum_chain:
+        run_chains(args)
         return
     results = {b: benchmark(b, args) for b in args.batch_sizes}
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"

@@ -43,3 +43,12 @@ def test_generative_story_smoke():
     rows = _table_rows(_run("examples/generative_story.py"), "| estimator |")
     assert len(rows) == 5  # exact + four estimators
     assert all("nan" not in row for row in rows)
+
+
+def test_chain_benchmarks_smoke():
+    output = _run("-m", "benchmarks.overhead", "--chain", "5", "--enum-chain", "4")
+    rows = _table_rows(output, "| chain T |") + _table_rows(output, "| enum-chain T |")
+    names = " ".join(rows)
+    for name in ("StorchELBO", "hand-written", "Pyro-only", "forward algorithm", "TraceEnum"):
+        assert name in names
+    assert all("nan" not in row for row in rows)
