@@ -55,13 +55,16 @@ class PyroChecks:
         return tracer
 
     def check(self) -> None:
-        """Pyro's checks on the recorded traces (nothing when not enabled)."""
-        if not self.enabled:
-            return
+        """Pyro's checks on the recorded traces (nothing when not enabled), in the order of
+        Pyro's ``get_importance_trace``: the model/guide match, then (where Pyro computes
+        log-densities) an error deferred by the run, then the site shapes."""
         traces = {role: tracer.trace for role, tracer in self.traces.items()}
-        if "guide" in traces:
+        if self.enabled and "guide" in traces:
             check_model_guide_match(traces["model"], traces["guide"], self.max_plate_nesting)
             warn_if_enumerated(traces["guide"])
+        self.run.raise_deferred()
+        if not self.enabled:
+            return
         for trace in traces.values():
             self._check_site_shapes(trace)
 
