@@ -12,6 +12,17 @@ which has value zero, reduces the variance of first-order gradients and of highe
 A baseline whose value requires grad (:class:`Learned`, Pyro's ``nn_baseline`` and
 ``baseline_value``) is trained by squared error to the detached downstream cost, through a
 term of value zero, so the loss value is unchanged.
+
+**Two sign conventions.** The baselines of this module (:class:`MovingAverage`,
+:class:`LeaveOneOut`, :class:`Learned`, your own :class:`Baseline`) are baselines of the
+downstream *cost* :math:`D_z` (something to minimize: :math:`\\log q - \\log p`, plus the
+costs of ``add_cost``), so a :class:`Learned` network learns :math:`\\mathbb{E}[D_z]`. Pyro's
+annotations ``infer={"baseline": {...}}`` (``nn_baseline``, ``baseline_value``,
+``use_decaying_avg_baseline``) keep ``TraceGraph_ELBO``'s meaning: baselines of the
+downstream *ELBO* term :math:`\\log p - \\log q = -D_z` (in a model without guide: minus the
+costs, e.g. the reward-to-go), fitted and stored as ``TraceGraph_ELBO`` does, so a network
+or average trained under one loss continues under the other; StorchELBO uses
+:math:`b = -b^{\\text{pyro}}` internally.
 """
 
 from dataclasses import dataclass, field
@@ -19,6 +30,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import pyro
 import torch
+from pyro.ops.provenance import detach_provenance
 
 from storch_pyro.errors import StorchError
 from storch_pyro.param_state import param_store_state
@@ -69,8 +81,11 @@ class Baseline:
 
     def __call__(self, ctx: BaselineContext, downstream_cost: torch.Tensor) -> torch.Tensor:
         """Returns :math:`b`, broadcastable to ``downstream_cost`` (the detached
-        :math:`D_z`, shaped like the site's batch shape). Stateful baselines update their
-        state here, *after* computing :math:`b`, so :math:`b` never depends on this sample."""
+        :math:`D_z`, shaped like the site's batch shape): a baseline of the *cost*
+        (:math:`\\log q - \\log p` plus added costs), of the opposite sign to Pyro's
+        ``nn_baseline`` / ``baseline_value``, which are baselines of
+        :math:`\\log p - \\log q`. Stateful baselines update their state here, *after*
+        computing :math:`b`, so :math:`b` never depends on this sample."""
         raise NotImplementedError
 
 
@@ -162,7 +177,8 @@ class Learned(Baseline):
     under ``name`` (default ``"storch_pyro.baseline.<first site>"``), so ``SVI``'s optimizer
     trains it, by the gradient of :math:`\\sum (b_\\psi(x) - \\bot(D_z))^2`; after
     ``pyro.get_param_store().load`` the module computes with the loaded values (checkpoint and
-    resume).
+    resume). It learns :math:`\\mathbb{E}[D_z \\mid x]`, the expected downstream *cost*; Pyro's
+    ``nn_baseline`` annotation learns the opposite, :math:`\\mathbb{E}[\\log p - \\log q]`.
 
     :param torch.nn.Module module: the network :math:`b_\\psi`.
     :param callable input_fn: optional map from the model/guide arguments to the input.
@@ -268,6 +284,10 @@ class _PyroAnnotation(Baseline):
             state = param_store_state(name)
             if state is None or state.shape != elbo_term.shape:
                 pyro.get_param_store()[name] = torch.zeros_like(elbo_term)
+                state = param_store_state(name)
+            elif type(state) is not torch.Tensor:
+                # TraceGraph_ELBO stores its average with its provenance: keep the value only
+                pyro.get_param_store()[name] = detach_provenance(state).detach().clone()
                 state = param_store_state(name)
             baseline = baseline + state.detach().clone()
             with torch.no_grad():
