@@ -130,10 +130,11 @@ class LeaveOtherEpisodesOut(baselines.Baseline):
 
 
 class Critic(nn.Module):
-    """:math:`V_\\psi(s)`, a small MLP whose output is scaled to the size of the
-    negative returns (up to -500), so that Adam's small steps can reach them."""
+    """:math:`V_\\psi(s)`, a small MLP whose output is scaled to the size of the returns
+    (up to 500), so that Adam's small steps can reach them. As an ``nn_baseline`` it is a
+    baseline in Pyro's sign, of minus the downstream costs: the reward-to-go."""
 
-    def __init__(self, scale: float = -100.0) -> None:
+    def __init__(self, scale: float = 100.0) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 1), nn.Flatten(0))
         self.scale = scale

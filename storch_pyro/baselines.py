@@ -12,6 +12,17 @@ which has value zero, reduces the variance of first-order gradients and of highe
 A baseline whose value requires grad (:class:`Learned`, Pyro's ``nn_baseline`` and
 ``baseline_value``) is trained by squared error to the detached downstream cost, through a
 term of value zero, so the loss value is unchanged.
+
+**Two sign conventions.** The baselines of this module (:class:`MovingAverage`,
+:class:`LeaveOneOut`, :class:`Learned`, your own :class:`Baseline`) are baselines of the
+downstream *cost* :math:`D_z` (something to minimize: :math:`\\log q - \\log p`, plus the
+costs of ``add_cost``), so a :class:`Learned` network learns :math:`\\mathbb{E}[D_z]`. Pyro's
+annotations ``infer={"baseline": {...}}`` (``nn_baseline``, ``baseline_value``,
+``use_decaying_avg_baseline``) keep ``TraceGraph_ELBO``'s meaning: baselines of the
+downstream *ELBO* term :math:`\\log p - \\log q = -D_z` (in a model without guide: minus the
+costs, e.g. the reward-to-go), fitted and stored as ``TraceGraph_ELBO`` does, so a network
+or average trained under one loss continues under the other; StorchELBO uses
+:math:`b = -b^{\\text{pyro}}` internally.
 """
 
 from dataclasses import dataclass, field
@@ -19,6 +30,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import pyro
 import torch
+from pyro.ops.provenance import detach_provenance
 
 from storch_pyro.errors import StorchError
 from storch_pyro.param_state import param_store_state
@@ -69,8 +81,11 @@ class Baseline:
 
     def __call__(self, ctx: BaselineContext, downstream_cost: torch.Tensor) -> torch.Tensor:
         """Returns :math:`b`, broadcastable to ``downstream_cost`` (the detached
-        :math:`D_z`, shaped like the site's batch shape). Stateful baselines update their
-        state here, *after* computing :math:`b`, so :math:`b` never depends on this sample."""
+        :math:`D_z`, shaped like the site's batch shape): a baseline of the *cost*
+        (:math:`\\log q - \\log p` plus added costs), of the opposite sign to Pyro's
+        ``nn_baseline`` / ``baseline_value``, which are baselines of
+        :math:`\\log p - \\log q`. Stateful baselines update their state here, *after*
+        computing :math:`b`, so :math:`b` never depends on this sample."""
         raise NotImplementedError
 
 
@@ -162,7 +177,8 @@ class Learned(Baseline):
     under ``name`` (default ``"storch_pyro.baseline.<first site>"``), so ``SVI``'s optimizer
     trains it, by the gradient of :math:`\\sum (b_\\psi(x) - \\bot(D_z))^2`; after
     ``pyro.get_param_store().load`` the module computes with the loaded values (checkpoint and
-    resume).
+    resume). It learns :math:`\\mathbb{E}[D_z \\mid x]`, the expected downstream *cost*; Pyro's
+    ``nn_baseline`` annotation learns the opposite, :math:`\\mathbb{E}[\\log p - \\log q]`.
 
     :param torch.nn.Module module: the network :math:`b_\\psi`.
     :param callable input_fn: optional map from the model/guide arguments to the input.
@@ -207,9 +223,27 @@ class Learned(Baseline):
 
 
 class _PyroAnnotation(Baseline):
-    """Pyro's ``infer={"baseline": {...}}`` options, with TraceGraph_ELBO's semantics:
-    a per-element decaying average (param ``"__baseline_avg_downstream_cost_<site>"``),
-    plus ``nn_baseline(detach(nn_baseline_input))`` or ``baseline_value``."""
+    r"""Pyro's ``infer={"baseline": {...}}`` options, read, fitted and stored exactly as
+    ``TraceGraph_ELBO`` does.
+
+    **Sign.** Pyro's annotated baselines are baselines of the site's downstream *ELBO* term
+    :math:`\sum (\log p - \log q) = -D_z` (for a model without guide: minus the
+    downstream ``add_cost`` costs, e.g. the reward-to-go), while a storch_pyro
+    :class:`Baseline` is one of the downstream cost :math:`D_z`. With Pyro's baseline
+
+    .. math:: b^{\text{pyro}} = \bar a_{t-1} + \texttt{nn\_baseline}(
+        \bot(\texttt{nn\_baseline\_input}))
+        \quad (\text{or} + \texttt{baseline\_value}),
+
+    this returns :math:`b = -b^{\text{pyro}}`, so that the score term
+    :math:`(D_z - b)\nabla\log q = -(-D_z - b^{\text{pyro}})\nabla\log q` is
+    TraceGraph_ELBO's, and the network (or ``baseline_value``) is fitted to Pyro's target:
+    the squared error :math:`\sum (b - D_z)^2 = \sum (-D_z - b^{\text{pyro}})^2` summed
+    over the site's batch elements, TraceGraph_ELBO's ``baseline_loss``. The decaying
+    average :math:`\bar a_t = \beta \bar a_{t-1} + (1 - \beta)(-D_z)` (per batch element,
+    starting at 0, updated after use) is kept in Pyro's sign under TraceGraph_ELBO's param
+    name ``"__baseline_avg_downstream_cost_<site>"``. So a network, an average or a hand-set
+    value trained or chosen under one loss means the same under the other."""
 
     _KEYS = {
         "use_decaying_avg_baseline",
@@ -237,24 +271,32 @@ class _PyroAnnotation(Baseline):
         self.nn_input = options.get("nn_baseline_input")
         self.value = options.get("baseline_value")
 
+    @staticmethod
+    def param_name(site: str) -> str:
+        """TraceGraph_ELBO's param-store name of the decaying average kept for ``site``."""
+        return "__baseline_avg_downstream_cost_" + site
+
     def __call__(self, ctx: BaselineContext, downstream_cost: torch.Tensor) -> torch.Tensor:
-        baseline = torch.zeros((), dtype=downstream_cost.dtype, device=downstream_cost.device)
+        elbo_term = -downstream_cost.detach()  # Pyro's downstream cost: log p - log q
+        baseline = torch.zeros((), dtype=elbo_term.dtype, device=elbo_term.device)
         if self.use_average:
-            name = "__baseline_avg_downstream_cost_" + ctx.site
-            cost = downstream_cost.detach()
+            name = self.param_name(ctx.site)
             state = param_store_state(name)
-            if state is None or state.shape != cost.shape:
-                state = torch.zeros_like(cost)
-                pyro.get_param_store()[name] = state
+            if state is None or state.shape != elbo_term.shape:
+                pyro.get_param_store()[name] = torch.zeros_like(elbo_term)
+                state = param_store_state(name)
+            elif type(state) is not torch.Tensor:
+                # TraceGraph_ELBO stores its average with its provenance: keep the value only
+                pyro.get_param_store()[name] = detach_provenance(state).detach().clone()
                 state = param_store_state(name)
             baseline = baseline + state.detach().clone()
             with torch.no_grad():
-                state.mul_(self.beta).add_(cost, alpha=1.0 - self.beta)
+                state.mul_(self.beta).add_(elbo_term, alpha=1.0 - self.beta)
         if self.nn_baseline is not None:
             baseline = baseline + self.nn_baseline(_detach(self.nn_input))
         elif self.value is not None:
             baseline = baseline + self.value
-        return baseline
+        return -baseline
 
 
 def _detach(value: Any) -> Any:

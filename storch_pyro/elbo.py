@@ -199,6 +199,8 @@ class StorchELBO(ELBO):
                 model(*args, **kwargs)
         if is_validation_enabled():
             check_run(run, self._check_nesting(run))
+        else:
+            run.raise_deferred()  # a mask of the wrong shape (see Run.raise_deferred)
         return run
 
     def _check_nesting(self, run: Run) -> float:

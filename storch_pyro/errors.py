@@ -12,6 +12,11 @@ class UnsupportedDistributionError(StorchError, TypeError):
     """An estimator was applied to a distribution it cannot handle."""
 
 
+class MaskShapeError(StorchError, RuntimeError):
+    """A mask (``poutine.mask``, ``obs_mask``) that does not broadcast to its site's batch
+    shape; also a ``RuntimeError``, the error Pyro's losses let through from torch there."""
+
+
 class NonFiniteCostError(StorchError):
     """A cost (or log-density used as a cost) is NaN or infinite."""
 

@@ -56,6 +56,7 @@ def check_run(run: Run, max_plate_nesting: float, after_the_fact: bool = False) 
     if "guide" in traces:
         check_model_guide_match(traces["model"], traces["guide"], max_plate_nesting)
         warn_if_enumerated(traces["guide"])
+    run.raise_deferred()  # where Pyro's losses compute log-densities (and apply masks)
     for trace in traces.values():
         for site in _sample_sites(trace):
             site["log_prob"] = _log_density(run, site)

@@ -742,6 +742,26 @@ def bad_baseline_option_guide(data=DATA):
         pyro.sample("k", dist.Categorical(logits=torch.zeros(len(data), 3)))
 
 
+MV_DATA = torch.full((3, 2), 7.0)
+MV_MASK = torch.tensor([[False, False], [False, True], [True, False]])  # batch shape is (3,)
+
+
+def obs_mask_multivariate_model(data=MV_DATA):
+    """Pyro's ``test_valid_models.py::test_obs_mask_multivariate_error``: an ``obs_mask``
+    with an event dim on a multivariate site."""
+    x = pyro.sample("x", dist.MultivariateNormal(torch.zeros(2), torch.eye(2)))
+    with pyro.plate("plate", len(data)):
+        pyro.sample("y", dist.MultivariateNormal(x, torch.eye(2)), obs=data, obs_mask=MV_MASK)
+
+
+def obs_mask_multivariate_guide(data=MV_DATA):
+    loc = pyro.param("loc", torch.zeros(2))
+    x = pyro.sample("x", dist.MultivariateNormal(loc, torch.eye(2)))
+    with pyro.plate("plate", len(data)):
+        with poutine.mask(mask=~MV_MASK):  # as wrong as the model's: fails first in the guide
+            pyro.sample("y_unobserved", dist.MultivariateNormal(x, torch.eye(2)))
+
+
 @dataclass
 class Invalid:
     """An invalid pair and what Pyro's losses (``references``) and ours do with it:
@@ -804,6 +824,9 @@ INVALID = {
     ),
     "factor_in_guide_without_has_rsample": Invalid(
         Case(factor_in_guide_model, factor_in_guide_guide), ("raises", ValueError)
+    ),
+    "obs_mask_multivariate_shape": Invalid(
+        Case(obs_mask_multivariate_model, obs_mask_multivariate_guide), ("raises", ValueError)
     ),
     # Trace_ELBO ignores baseline annotations; TraceGraph_ELBO reads them for gradients only
     "unknown_baseline_option": Invalid(

@@ -18,10 +18,12 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 
 import storch_pyro as storch
 from storch_pyro import baselines, estimators, handlers
 from storch_pyro.errors import (
+    MaskShapeError,
     NonFiniteCostError,
     StorchError,
     UnsupportedDistributionError,
@@ -288,6 +290,19 @@ def _observation_out_of_support():
     _elbo_step(model)
 
 
+def _mask_shape():
+    def model():
+        with pyro.plate("data", 3):
+            pyro.sample("z", dist.Normal(torch.zeros(3), 1.0))
+
+    def guide():
+        loc = pyro.param("loc", torch.zeros(3))
+        with pyro.plate("data", 3), poutine.mask(mask=torch.ones(3, 2, dtype=torch.bool)):
+            pyro.sample("z", dist.Normal(loc, 1.0))
+
+    _elbo_step(model, guide)
+
+
 class _PerElementColumn(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -454,6 +469,7 @@ ENTRIES = {
     "log-prob-error": Entry(
         _observation_out_of_support, ValueError, "'coin'", "is in the support of the site's"
     ),
+    "mask-shape": Entry(_mask_shape, MaskShapeError, "'z'", "one value per batch element"),
     "control-variate-shape": Entry(
         _control_variate_shape, StorchError, "'b'", "squeeze a trailing dim of size 1"
     ),

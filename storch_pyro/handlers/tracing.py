@@ -17,7 +17,7 @@ from pyro.poutine.runtime import _PYRO_STACK, Message
 from pyro.poutine.subsample_messenger import _Subsample
 
 from storch_pyro.baselines import Baseline, _PyroAnnotation
-from storch_pyro.errors import StorchError
+from storch_pyro.errors import MaskShapeError, StorchError
 from storch_pyro.estimators.base import Estimator
 from storch_pyro.estimators.pathwise import Pathwise
 from storch_pyro.estimators.score_function import ScoreFunction
@@ -104,6 +104,20 @@ class Run:
         self.density_owners: Dict[str, Tuple[Estimator, Any]] = {}
         #: Each pass's sample messages (by role), for Pyro's checks on validated steps.
         self.messages: Dict[str, List[Message]] = {}
+        #: The first mask that did not broadcast to its site's log-density, raised after
+        #: the model has run (see :meth:`raise_deferred`).
+        self.deferred_error: Optional[Exception] = None
+
+    def raise_deferred(self) -> None:
+        """Raises the error recorded for a mask of the wrong shape, if any.
+
+        Pyro's losses compute log-densities (and apply masks) only after the guide and
+        the model have run, so an error the program raises itself comes first, e.g.
+        ``pyro.sample(..., obs_mask=)``'s ``Invalid obs_mask shape``. StorchELBO records
+        each site as it runs; it defers a mask error to this point so that the same error
+        comes first."""
+        if self.deferred_error is not None:
+            raise self.deferred_error
 
     def structure(self) -> tuple:
         """The sequence of cost and stochastic-site names: what identifies a model
@@ -292,7 +306,17 @@ class StorchMessenger(Messenger):
                     f"the value (observed data, or the guide's sample) is in the support of "
                     f"the site's distribution, with a shape that broadcasts to its batch shape."
                 ) from error
-        masked = scale_and_mask(log_prob, 1.0, msg["mask"])
+        try:
+            masked = scale_and_mask(log_prob, 1.0, msg["mask"])
+        except RuntimeError as error:
+            if "must match the size" not in str(error):
+                raise
+            if run.deferred_error is None:
+                run.deferred_error = _mask_shape_error(name, msg["mask"], log_prob)
+                run.deferred_error.__cause__ = error
+            if self.role == "guide":
+                run.guide_values[name] = value
+            return
         if pending is not None:
             estimator, baseline, sample_dim, own_frame, state = pending
             # A mask removes log-density terms from the costs, never the expectation over
@@ -415,6 +439,16 @@ def _annotated_baseline(msg: Message) -> Optional[Baseline]:
             or baseline.value is not None):
         return None
     return baseline
+
+
+def _mask_shape_error(name: str, mask: torch.Tensor, log_prob: torch.Tensor) -> MaskShapeError:
+    return MaskShapeError(
+        f"site '{name}': its mask of shape {tuple(mask.shape)} (from poutine.mask, or "
+        f"pyro.sample(..., obs_mask=)) does not broadcast to the shape "
+        f"{tuple(log_prob.shape)} of its log-density (the site's batch shape). Give a mask "
+        f"with one value per batch element (no event dims), broadcastable to "
+        f"{tuple(log_prob.shape)}."
+    )
 
 
 def _unmasked_log_prob(fn, value: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
