@@ -34,6 +34,7 @@ from pyro.ops.provenance import detach_provenance
 
 from storch_pyro.errors import StorchError
 from storch_pyro.param_state import param_store_state
+from storch_pyro.state import record
 
 
 @dataclass
@@ -100,7 +101,9 @@ class MovingAverage(Baseline):
     the first cost. The state lives in Pyro's param store under
     ``"storch_pyro.baseline.<site>.moving_average"``, so it is saved and loaded with
     ``pyro.get_param_store().save/load``. Only gradient computations
-    (``loss_and_grads``, ``differentiable_loss``) update it.
+    (``loss_and_grads``, ``differentiable_loss``) update it, once per step after the surrogate
+    is built (:mod:`storch_pyro.state`): the particles of a step all use the average of the
+    steps before, and their mean cost updates it.
 
     :param float decay: :math:`\\beta \\in [0, 1)`.
 
@@ -123,13 +126,17 @@ class MovingAverage(Baseline):
         name = self.param_name(ctx.site)
         state = param_store_state(name)
         mean_cost = downstream_cost.detach().mean()
+        record(name, mean_cost, self.update)  # committed after the surrogate is built
         if state is None:
-            pyro.get_param_store()[name] = mean_cost.clone()
             return torch.zeros_like(mean_cost)
-        baseline = state.detach().clone()
-        with torch.no_grad():
-            state.mul_(self.decay).add_(mean_cost, alpha=1.0 - self.decay)
-        return baseline
+        return state.detach().clone()
+
+    def update(self, state: Optional[torch.Tensor], mean_cost: torch.Tensor) -> torch.Tensor:
+        """:math:`b_{t+1} = \\beta b_t + (1 - \\beta) \\overline{D}_t` (the first
+        cost where there is no average yet)."""
+        if state is None:
+            return mean_cost.clone()
+        return self.decay * state + (1.0 - self.decay) * mean_cost
 
     def __repr__(self) -> str:
         return f"MovingAverage(decay={self.decay})"
@@ -276,6 +283,12 @@ class _PyroAnnotation(Baseline):
         """TraceGraph_ELBO's param-store name of the decaying average kept for ``site``."""
         return "__baseline_avg_downstream_cost_" + site
 
+    def update(self, state: Optional[torch.Tensor], elbo_term: torch.Tensor) -> torch.Tensor:
+        """TraceGraph_ELBO's :math:`\\bar a_t = \\beta \\bar a_{t-1} + (1 - \\beta)(-D_z)`."""
+        if state is None or state.shape != elbo_term.shape:
+            state = torch.zeros_like(elbo_term)
+        return self.beta * state + (1.0 - self.beta) * elbo_term
+
     def __call__(self, ctx: BaselineContext, downstream_cost: torch.Tensor) -> torch.Tensor:
         elbo_term = -downstream_cost.detach()  # Pyro's downstream cost: log p - log q
         baseline = torch.zeros((), dtype=elbo_term.dtype, device=elbo_term.device)
@@ -290,8 +303,7 @@ class _PyroAnnotation(Baseline):
                 pyro.get_param_store()[name] = detach_provenance(state).detach().clone()
                 state = param_store_state(name)
             baseline = baseline + state.detach().clone()
-            with torch.no_grad():
-                state.mul_(self.beta).add_(elbo_term, alpha=1.0 - self.beta)
+            record(name, elbo_term, self.update)  # committed after the surrogate is built
         if self.nn_baseline is not None:
             baseline = baseline + self.nn_baseline(_detach(self.nn_input))
         elif self.value is not None:

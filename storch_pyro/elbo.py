@@ -13,6 +13,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
+from storch_pyro import state as estimator_state
 from storch_pyro.errors import NonFiniteCostError
 from storch_pyro.estimators.base import Estimator
 from storch_pyro.handlers.tracing import Run, StorchMessenger, resolve_site
@@ -116,10 +117,12 @@ class StorchELBO(ELBO):
         gradient is the estimators' gradient estimate for the model and guide parameters,
         and the variance gradient for the parameters of learned control variates (REBAR,
         RELAX, LAX): one optimizer over it trains everything."""
-        runs, validated = self._validated_runs(model, guide, args, kwargs)
-        total = self._total(runs)
+        with estimator_state.recording() as updates:
+            runs, validated = self._validated_runs(model, guide, args, kwargs)
+            total = self._total(runs)
         if validated and not bool(torch.isfinite(total)):
             _raise_not_finite(runs)
+        self._commit(updates)
         return total
 
     def loss_and_grads(
@@ -127,16 +130,24 @@ class StorchELBO(ELBO):
     ) -> float:
         """Backpropagates the surrogate loss (:meth:`differentiable_loss`) and returns its
         value as a float."""
-        runs, _ = self._validated_runs(model, guide, args, kwargs)
-        surrogate = self._total(runs)
+        with estimator_state.recording() as updates:
+            runs, _ = self._validated_runs(model, guide, args, kwargs)
+            surrogate = self._total(runs)
         value = surrogate.item()
         if not math.isfinite(value):
             _raise_not_finite(runs)
+        self._commit(updates)
         if surrogate.requires_grad:
             surrogate.backward(retain_graph=self.retain_graph)
         return value
 
     # ---- internals -------------------------------------------------------------------------
+    def _commit(self, updates: estimator_state.StepUpdates) -> None:
+        """Applies the step's estimator-state updates once, after the surrogate is built
+        (:mod:`storch_pyro.state`)."""
+        if updates:
+            estimator_state.commit(updates)
+
     def _total(self, runs) -> torch.Tensor:
         total = surrogate_loss(runs[0])
         for run in runs[1:]:

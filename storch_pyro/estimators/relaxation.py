@@ -14,7 +14,8 @@ from torch.distributions import (
 )
 
 from storch_pyro.estimators.base import Estimator, innermost_distribution
-from storch_pyro.param_state import param_store_state, set_param_store_state
+from storch_pyro.param_state import param_store_state
+from storch_pyro.state import add_one, record
 
 
 def discrete_base(fn: Distribution) -> Optional[Tuple[str, torch.Tensor]]:
@@ -137,17 +138,15 @@ class GumbelSoftmax(_Relaxation):
         return 0 if state is None else int(state.item())
 
     def _advance(self) -> None:
+        """Records one more training step of the schedule, committed after the surrogate
+        is built (:mod:`storch_pyro.state`): once per step, however many sites share the
+        estimator."""
         if not callable(self.temperature):
             return
         if self.name is None:
             self._unnamed_step += 1
             return
-        state = param_store_state(self.step_param_name)
-        if state is None:
-            set_param_store_state(self.step_param_name, torch.ones((), dtype=torch.float64))
-        else:
-            with torch.no_grad():
-                state.add_(1.0)
+        record(self.step_param_name, torch.ones((), dtype=torch.float64), add_one)
 
     def current_temperature(self) -> float:
         """:math:`\\tau` for the next draw."""
