@@ -163,7 +163,9 @@ def surrogate_loss(run: Run) -> torch.Tensor:
         if node.estimator.has_control_term:
             upstream_weight = run.weight_of(node.ordinal - {node.own_frame})
             if node.estimator.uses_control_context:
-                per_index, shared = _control_terms(run, node, groups, prefix, boxes)
+                per_index, shared = _control_terms(
+                    run, node, groups, prefix, boxes, upstream_weight
+                )
                 total = _add(total, per_index, upstream_weight)
                 if shared is not None:
                     total = _add(total, shared, upstream_weight)
@@ -195,25 +197,31 @@ def _boxed_by_upstream(term: torch.Tensor, node: Node, prefix, boxes) -> torch.T
 
 
 def _control_terms(
-    run: Run, node: Node, groups: List[_Group], prefix, boxes
+    run: Run, node: Node, groups: List[_Group], prefix, boxes, upstream_weight
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """:meth:`~storch_pyro.estimators.base.Estimator.control_terms`: the per-index term is
     boxed as in :func:`_control_term`; the shared term is added as it is."""
     downstream = _downstream_cost(run, node, groups)
     ctx = ControlContext(node.name, node.sample_dim, run.args, run.kwargs)
     if node.estimator.needs_live_costs:
-        ctx.live_cost, ctx.live_total = _live_downstream_cost(run, node, groups)
+        ctx.live_cost, ctx.live_total = _live_downstream_cost(run, node, groups, upstream_weight)
     per_index, shared = node.estimator.control_terms(node.fn, node.state, downstream, ctx)
     return _boxed_by_upstream(per_index, node, prefix, boxes), shared
 
 
 def _live_downstream_cost(
-    run: Run, node: Node, groups: List[_Group]
+    run: Run, node: Node, groups: List[_Group], upstream_weight
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""The downstream cost :math:`D_z` without detaching it, each cost group times the
     magic box of the score terms of the sites between the node and the cost (so its
     gradient estimates that of :math:`\mathbb{E}[D_z \mid z]`): on the node's batch shape,
-    and summed over the node's plates (each cost once)."""
+    and summed over the node's plates (each cost once), except plates along which
+    ``upstream_weight`` (the sample weights of upstream sites, which the loss multiplies
+    into the node's terms) varies: summed there, the total would be weighted by each
+    index's weight (an earlier version counted every index's cost with the sum of the
+    weights, i.e. ~N times, for REBAR inside ``plate(N)`` below a SumAndSample site).
+    Every cost that depends on the node is inside those plates (see
+    :meth:`~storch_pyro.handlers.tracing.Run.frames_of`), so none is counted twice."""
     later = run.nodes[node.index + 1:]
     for other in later:
         if other.estimator.has_control_term and node.own_frame in other.ordinal:
@@ -229,6 +237,7 @@ def _live_downstream_cost(
     plate_dims = [
         key[1] for key in node.ordinal
         if key[1] is not None and not key[0].startswith(SAMPLE_FRAME_PREFIX)
+        and not _varies_along(upstream_weight, key[1])
     ]
     per_index = shared = None
     for group in groups:
@@ -257,6 +266,10 @@ def _live_downstream_cost(
         if rank >= -dim:
             shared_shape[dim] = 1
     return per_index.expand(shape), shared.expand(shared_shape)
+
+
+def _varies_along(weight, dim: int) -> bool:
+    return isinstance(weight, torch.Tensor) and weight.dim() >= -dim and weight.shape[dim] != 1
 
 
 def _on_node_dims(

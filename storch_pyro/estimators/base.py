@@ -23,7 +23,8 @@ class ControlContext:
         batch shape like the detached one.
     :ivar live_total: the same costs summed over the site's plates (each cost counted once:
         dims of size 1 there), for pathwise terms that must not count a cost shared by the
-        indices of a plate once per index.
+        indices of a plate once per index; not summed over plates along which the sample
+        weights of upstream sites vary (the loss weights the terms per index there).
     """
 
     site: str

@@ -44,7 +44,8 @@ class NeedsPlateNesting(Exception):
 @dataclass(slots=True)
 class Node:
     """A stochastic site whose score term :math:`l_z` (``score``, ``None`` without one),
-    baseline or control term enters the surrogate. ``log_prob`` gives its batch shape."""
+    baseline or control term enters the surrogate. ``log_prob`` gives its batch shape: its
+    plates and the dims of every sample frame in ``ordinal`` (see :meth:`Run.on_frames`)."""
 
     name: str
     score: Optional[torch.Tensor]
@@ -172,6 +173,24 @@ class Run:
             if frame_weight is not None:
                 weight = weight * frame_weight
         return weight
+
+    def on_frames(self, tensor: torch.Tensor, ordinal) -> torch.Tensor:
+        """``tensor`` expanded (a view) to the sizes of the sample frames in ``ordinal``.
+
+        A site's ordinal may hold a frame whose dim its own values lack: with ``a`` drawn
+        ``k`` times, ``b`` enumerated (its support unexpanded, its weights
+        :math:`q(b \\mid a_i)` along both dims) and ``c`` drawn per value of ``b``, the
+        weights of ``c``'s samples carry ``a``'s dim although ``c``'s log-density does not.
+        ``c``'s downstream costs differ along that dim, so its baseline and control terms
+        are computed on the expanded shape and weighted there by
+        :math:`\\tfrac1k\\, q(b \\mid a_i)`."""
+        shape = list(tensor.shape)
+        for dim, size, key in self.sample_frames:
+            if key in ordinal:
+                if len(shape) < -dim:
+                    shape = [1] * (-dim - len(shape)) + shape
+                shape[dim] = size
+        return tensor if tensor.shape == tuple(shape) else tensor.expand(shape)
 
     def frames_of(self, tensor: torch.Tensor, stack, site: str = "") -> Tuple[Any, tuple, Any]:
         """(ordinal, sequential frames, sample weight) of a tensor recorded at a site: the
@@ -341,7 +360,8 @@ class StorchMessenger(Messenger):
                 if estimator.has_score:
                     score = estimator.score_term(fn, value, unmasked, state)
                 run.nodes.append(
-                    Node(name, score, masked, ordinal, seq, len(run.nodes), estimator,
+                    Node(name, score, run.on_frames(masked, ordinal), ordinal, seq,
+                         len(run.nodes), estimator,
                          baseline, fn, state, sample_dim, own_frame, weight)
                 )
             if self.role == "scg":
