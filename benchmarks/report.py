@@ -22,6 +22,27 @@ def _fmt(summary: Optional[tuple], digits: int = 2) -> str:
     return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {error:.{digits}f}"
 
 
+def _twin_note(twins: Dict[str, str], run: List[str]) -> str:
+    """The footnote of the "ms/step vs hand-written twin" column (``run``: the methods with
+    results)."""
+    from benchmarks.specs import TWINS
+
+    presets = ", ".join(name for name in TWINS if "(" not in name)
+    pairs = ", ".join(f"{a} / {b}" for a, b in twins.items() if a in run and b in run)
+    return ("ms/step vs hand-written twin: this method's median ms/step over that of the "
+            "hand-written PyTorch estimator of the same estimate, in this run "
+            f"({pairs or 'no such pair here'}). '—': the method has no hand-written twin "
+            f"(only {presets} have one: torch:<name>), or its twin was not run.")
+
+
+def _over_seeds(n_seeds: int) -> str:
+    """How the table's values summarize the seeds."""
+    if n_seeds == 1:
+        return ("One seed: single values, no standard error (give several seeds, e.g. "
+                "--seeds 0 1 2, for mean ± s.e.).")
+    return f"Mean ± s.e. over {n_seeds} seeds."
+
+
 def _log10(value: Optional[float]) -> Optional[float]:
     return math.log10(value) if value is not None and value > 0 else None
 
@@ -101,13 +122,13 @@ def markdown(results: dict) -> str:
         f"with {config['test_samples']} samples on {config['test_size']} test images; "
         f"variance of the encoder gradient: fixed batch = log10 trace of the covariance of "
         f"{config['var_samples']} estimates, running = log10 mean coordinate variance "
-        f"(EMA {config['moment_decay']}). Mean ± s.e. over seeds.",
+        f"(EMA {config['moment_decay']}). {_over_seeds(len(config['seeds']))}",
         "",
     ]
     has_bias = any(s["bias_mean_z2"] for s in summaries.values())
     has_cuda = any(s["cuda_peak_mb"] for s in summaries.values())
     header = ["method", "train ELBO", "test bound", "log10 var (fixed)", "log10 var (running)",
-              "ms/step", "vs hand-written", "saved MB"]
+              "ms/step", "ms/step vs hand-written twin", "saved MB"]
     if has_cuda:
         header.append("CUDA peak MB")
     if has_bias:
@@ -132,11 +153,13 @@ def markdown(results: dict) -> str:
         if has_bias:
             row += [_fmt(summary["bias_mean_z2"]), _fmt(summary["relative_bias"], 3)]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", _twin_note(twins, [m for m, v in summaries.items() if v["runs"]])]
     pairs = [(a, b) for a, b in DEFAULT_PAIRS
              if summaries.get(a, {}).get("runs") and summaries.get(b, {}).get("runs")]
     if pairs:
         lines += ["", "Seed-paired differences (positive: the first is better; variances: "
-                  "log10 of the second minus log10 of the first):", "",
+                  "log10 of the second minus log10 of the first). "
+                  f"{_over_seeds(len(results['config']['seeds']))}", "",
                   "| ordering | " + " | ".join(t for t, _, _ in _PAIRED) + " |",
                   "|---|" + "--:|" * len(_PAIRED)]
         for better, worse in pairs:

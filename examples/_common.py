@@ -67,6 +67,20 @@ def make_baseline(name: str, estimator: estimators.Estimator) -> Optional[baseli
     return BASELINES[name]()
 
 
+def method_label(estimator: estimators.Estimator,
+                 baseline: Optional[baselines.Baseline]) -> str:
+    """How the tables name an estimator and the baseline installed next to it, e.g.
+    ``ScoreFunction(n_samples=4) + LeaveOneOut()`` or ``ScoreFunction(n_samples=1), no
+    baseline`` (the estimator's own repr shows ``baseline=None`` when the baseline comes
+    from a handler)."""
+    text = repr(estimator).replace(", baseline=None", "")
+    if baseline is not None:
+        return f"{text} + {baseline!r}"
+    if estimator.has_score and getattr(estimator, "accepts_baseline", True):
+        return f"{text}, no baseline"
+    return text
+
+
 def output_dir(path: Optional[str], example: str) -> Path:
     """``path``, or ``examples/out/<example>``, created."""
     folder = Path(path) if path else EXAMPLES_DIR / "out" / example

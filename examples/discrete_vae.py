@@ -41,6 +41,7 @@ from _common import (
     estimator_arguments,
     make_baseline,
     make_estimator,
+    method_label,
     output_dir,
     save_curves,
     save_image_grid,
@@ -167,8 +168,9 @@ def main(argv=None) -> None:
     baseline = make_baseline(args.baseline, estimator)
     estimator_config = {"z": estimator}
     baseline_config = {"z": baseline} if baseline is not None else {}
+    label = method_label(estimator, baseline)
     print(f"{args.dataset}: {len(train)} train / {len(test)} test images, {side}x{side}; "
-          f"latents: {n_latent} x {args.latent}; estimator {estimator!r}, baseline {baseline!r}")
+          f"latents: {n_latent} x {args.latent}; estimator {label}")
 
     # max_plate_nesting=1 (the data plate): sample dims go left of it.
     svi = pyro.infer.SVI(
@@ -197,9 +199,9 @@ def main(argv=None) -> None:
                          f"Enumerate, SumAndSample and UnorderedSet --latent categorical "
                          f"--latents 1)")
     seconds = time.perf_counter() - start
-    print("\n| estimator | baseline | SVI steps | seconds | test neg. ELBO at start | at end |")
-    print("|:--|:--|--:|--:|--:|--:|")
-    print(f"| {estimator!r} | {baseline!r} | {args.steps} | {seconds:.1f} "
+    print("\n| estimator | SVI steps | seconds | test neg. ELBO at start | at end |")
+    print("|:--|--:|--:|--:|--:|")
+    print(f"| {label} | {args.steps} | {seconds:.1f} "
           f"| {curves['test'][0]:.2f} | {curves['test'][-1]:.2f} |\n")
 
     out = output_dir(args.out, "discrete_vae")

@@ -187,9 +187,13 @@ def main(argv=None) -> None:
           f"row ({args.positions} for Enumerate), batch {args.batch_size}; gradient at the "
           f"initial network over {args.draws} draws; {args.steps} SVI steps, Adam lr "
           f"{args.lr}\n")
-    quarter = min(5, len(next(iter(steps.values()))) - 1)
+    # The accuracy a quarter of the way (the first evaluation at or after steps / 4; never
+    # the last one, which has its own column), and at the end.
+    recorded = next(iter(steps.values()))
+    quarter = next(i for i, step in enumerate(recorded) if step >= args.steps // 4)
+    quarter = max(0, min(quarter, len(recorded) - 2))
     print(f"| estimator | grad. variance | max abs(mean - exact)/s.e. | test accuracy after "
-          f"{next(iter(steps.values()))[quarter]} steps | after {args.steps} |")
+          f"{recorded[quarter]} steps | after {recorded[-1]} |")
     print("|:--|--:|--:|--:|--:|")
     for name in args.estimators:
         label = label_of(name, args.k)

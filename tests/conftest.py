@@ -1,3 +1,5 @@
+import re
+
 import pyro
 import pytest
 import torch
@@ -21,3 +23,61 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: The ``quick`` subset (``python -m pytest -q -m quick``, under a minute on 2 cores): one
+#: unbiasedness test per estimator family on a toy, the loss against Pyro's, credit
+#: assignment, handlers, errors, the docs and the README's code. Patterns of ``<file>::<test
+#: name with parameters>`` in which only ``*`` is special (any characters), kept here rather
+#: than as decorators so that the subset is chosen in one place.
+QUICK = (
+    # Unbiasedness, one toy per estimator family (|mean - exact| < 4.5 s.e., as in the suite).
+    "test_unbiased.py::test_seed_story_unbiased[pathwise]",
+    "test_unbiased.py::test_bernoulli_toy_unbiased[score-k4-leave-one-out-to_event]",
+    "test_antithetic.py::test_bernoulli_toy_unbiased[disarm-to_event]",
+    "test_control_variates.py::test_unbiased_on_bernoulli[re*-logits-toy]",
+    "test_enumeration.py::test_enumerate_scg_exact_gradient_and_value*",
+    "test_unordered_set.py::test_scg_unbiased[categorical-k3]",
+    "test_relaxation.py::test_straight_through_gradient_is_that_of_the_probabilities*",
+    # The loss: Pyro's values and gradients, credit assignment, handlers, state.
+    "test_elbo.py::test_same_loss_as_trace_elbo*",
+    "test_elbo.py::test_loss_values_agree*",
+    "test_elbo.py::test_sample_dim_left_of_plates*",
+    "test_elbo.py::test_add_cost_*",
+    "test_elbo.py::test_moving_average_*",
+    "test_dropin.py::test_reparameterized_pair_same_gradient_as_trace_elbo*",
+    "test_dropin.py::test_invalid_pair_same_error_or_warning_as_pyro*",
+    "test_credit_assignment.py::test_cost_*",
+    "test_credit_assignment.py::test_*_not_credited*",
+    "test_handlers.py::*",
+    "test_state.py::*",
+    "test_validation_no_redraw.py::test_validation_modes_draw_the_same_steps",
+    "test_validation_no_redraw.py::test_*_still_caught",
+    # Errors, docs, the README's code and the set-up's example.
+    "test_errors.py::*",  # but not test_import_* (fresh interpreters, ~20 s): QUICK_EXCEPT
+    "test_error_catalog.py::*",
+    "test_docs.py::*",
+    "test_examples_smoke.py::test_example_smoke[generative_story]",
+)
+QUICK_EXCEPT = ("test_errors.py::test_import_changes_no_global_setting*",)
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), name) is not None
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects by marker
+def pytest_collection_modifyitems(config, items):
+    """Marks the :data:`QUICK` tests ``quick``; when the whole suite is collected, each
+    pattern must match a test (a renamed test must not silently leave the subset)."""
+    unmatched = set(QUICK)
+    for item in items:
+        name = f"{item.path.name}::{item.name}"
+        matched = [pattern for pattern in QUICK if _matches(pattern, name)]
+        excepted = any(_matches(pattern, name) for pattern in QUICK_EXCEPT)
+        if matched and not excepted and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.quick)
+            unmatched.difference_update(matched)
+    if unmatched and config.args_source == pytest.Config.ArgsSource.TESTPATHS:
+        raise pytest.UsageError(f"tests/conftest.py: QUICK patterns match no test: "
+                                f"{sorted(unmatched)}")

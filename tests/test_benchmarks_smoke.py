@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,10 +41,13 @@ def test_overhead_benchmark_smoke():
     assert all("nan" not in row for row in rows)
 
 
-def test_generative_story_smoke():
-    rows = _table_rows(_run("examples/generative_story.py"), "| estimator |")
+def test_generative_story_smoke(tmp_path):
+    pytest.importorskip("matplotlib")
+    output = _run("examples/generative_story.py", "--out", str(tmp_path))
+    rows = _table_rows(output, "| estimator |")
     assert len(rows) == 5  # exact + four estimators
     assert all("nan" not in row for row in rows)
+    assert (tmp_path / "gradients.png").stat().st_size > 1000
 
 
 def test_chain_benchmarks_smoke():

@@ -27,6 +27,11 @@ def test_compare_harness_smoke(tmp_path):
         assert run["final"]["bias"]["n"] == 3
     table = (tmp_path / "results.md").read_text()
     assert "| disarm |" in table and "| torch:rloo |" in table and "nan" not in table
+    # The labels say what the values are: one seed has no standard error, and '—' in the
+    # twin column means no hand-written twin (disarm's, torch:disarm, was not run).
+    assert "One seed: single values, no standard error" in table
+    assert "| ms/step vs hand-written twin |" in table
+    assert "'—': the method has no hand-written twin" in table
 
 
 def test_compare_reports_unsupported_estimators(tmp_path):
@@ -56,7 +61,8 @@ def test_parallel_parts_merge_into_one_table(tmp_path):
                       for r in results["runs"])
 
     assert finals(merged) == finals(single)
-    assert "| disarm |" in (tmp_path / "merged" / "results.md").read_text()
+    table = (tmp_path / "merged" / "results.md").read_text()
+    assert "| disarm |" in table and "Mean ± s.e. over 2 seeds." in table
 
 
 def test_parallel_replaces_only_the_per_part_arguments():

@@ -1,8 +1,10 @@
 """Documentation contract: every public class and function has a docstring with an example,
-and every estimator names its paper. (The Sphinx build itself runs in ``.ci/run``.)"""
+every estimator names its paper, and every Python block of the README runs as written. (The
+Sphinx build itself runs in ``.ci/run``.)"""
 
 import inspect
 import re
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +57,40 @@ def test_estimator_names_its_paper(cls):
     assert re.search(r"[A-Z][a-z]+.{0,60}\b(19|20)\d\d\b", doc), (
         f"{cls.__name__}'s docstring cites no paper (authors and year)"
     )
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+#: A ```python block directly after this comment line is not run; the comment must name the
+#: example that holds the full program, e.g. ``<!-- not run: examples/rl_cartpole.py -->``.
+NOT_RUN = re.compile(r"<!-- not run: (examples/\w+\.py) -->\s*$")
+
+
+def readme_python_blocks():
+    """``(line, code)`` of every ```python block of README.md, in order, without those
+    marked not run (whose named example must exist)."""
+    lines = README.read_text().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        if lines[i].strip() == "```python":
+            start = i + 1
+            end = lines.index("```", start)
+            marker = NOT_RUN.match(lines[i - 1]) if i > 0 else None
+            if marker is None:
+                blocks.append((start + 1, "\n".join(lines[start:end])))
+            else:
+                assert (README.parent / marker.group(1)).exists(), marker.group(0)
+            i = end
+        i += 1
+    return blocks
+
+
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    """Every ```python block of README.md runs as written, in order, in one namespace (a
+    block may use what an earlier one defined), with Pyro's validation on."""
+    pytest.importorskip("gymnasium")  # the reinforcement-learning block
+    monkeypatch.chdir(tmp_path)
+    blocks = readme_python_blocks()
+    assert len(blocks) >= 4
+    namespace = {"__name__": "readme"}
+    for line, code in blocks:
+        exec(compile(code, f"README.md, block at line {line}", "exec"), namespace)
