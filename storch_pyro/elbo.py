@@ -19,6 +19,7 @@ from storch_pyro.handlers.tracing import (
     StorchMessenger,
     resolve_site,
 )
+from storch_pyro.sample_dims import example_sites, explain_errors, run_sites
 from storch_pyro.surrogate import (
     backward_with_variance,
     expected_cost,
@@ -186,13 +187,14 @@ class StorchELBO(ELBO):
         )
         run = Run(self.default_estimator, first_sample_dim, args, kwargs)
         checks = PyroChecks(run, is_validation_enabled(), self.max_plate_nesting)
+        notes = explain_errors(lambda: run_sites(run))
         if guide is None:
-            with StorchMessenger(run, "scg"), checks.recording("scg"):
+            with notes, StorchMessenger(run, "scg"), checks.recording("scg"):
                 model(*args, **kwargs)
         else:
-            with StorchMessenger(run, "guide"), checks.recording("guide"):
+            with notes, StorchMessenger(run, "guide"), checks.recording("guide"):
                 guide(*args, **kwargs)
-            with StorchMessenger(run, "model"), checks.recording("model"):
+            with notes, StorchMessenger(run, "model"), checks.recording("model"):
                 model(*args, **kwargs)
         checks.check()
         return run
@@ -207,7 +209,7 @@ class StorchELBO(ELBO):
         never collide with undeclared batch dims). Like Pyro's, this run draws random
         numbers."""
         probe = _NestingProbe(self.default_estimator)
-        with poutine.block():
+        with explain_errors(lambda: example_sites(probe.values)), poutine.block():
             if guide is None:
                 with probe:
                     model(*args, **kwargs)
@@ -229,6 +231,7 @@ class _NestingProbe(Messenger):
         super().__init__()
         self.default_estimator = default_estimator
         self.nesting = 0
+        self.values: dict = {}
 
     def _pyro_sample(self, msg) -> None:
         if msg["is_observed"] or msg["done"] or type(msg["fn"]) is _Subsample:
@@ -237,6 +240,7 @@ class _NestingProbe(Messenger):
         estimator.check(msg["name"], msg["fn"])
         msg["value"] = estimator.example_value(msg["fn"])
         msg["done"] = True
+        self.values[msg["name"]] = (estimator, msg["fn"], msg["value"])
 
     def _postprocess_message(self, msg) -> None:
         if msg["type"] == "sample" and type(msg["fn"]) is not _Subsample:

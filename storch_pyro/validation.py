@@ -10,11 +10,12 @@ dims outside any plate, ``max_plate_nesting`` too small) and a warning for guide
 annotated for enumeration. Duplicate site names raise as in ``poutine.trace``.
 
 Dims left of ``max_plate_nesting`` are ignored by the shape checks, as Pyro ignores
-enumeration dims there, so the sample dims of multi-sample sites pass.
+enumeration dims there, so the sample dims of multi-sample sites pass. On the same steps,
+:class:`~storch_pyro.sample_dims.SampleDimChecks` finds costs reduced over a sample dim.
 """
 
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Callable, ContextManager, Optional
 
 from pyro import poutine
@@ -24,6 +25,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.util import check_model_guide_match, check_site_shape
 
 from storch_pyro.handlers.tracing import Run
+from storch_pyro.sample_dims import SampleDimChecks
 
 
 class PyroChecks:
@@ -44,6 +46,7 @@ class PyroChecks:
         self.enabled = enabled
         self.max_plate_nesting = max_plate_nesting
         self.traces: dict = {}
+        self.sample_dims = SampleDimChecks(run) if enabled else None
 
     def recording(self, role: str) -> ContextManager:
         """A context that records the pass of ``role`` (``"guide"``, ``"model"`` or
@@ -52,10 +55,14 @@ class PyroChecks:
             return nullcontext()
         tracer = TraceMessenger()
         self.traces[role] = tracer
-        return tracer
+        stack = ExitStack()
+        stack.enter_context(tracer)
+        stack.enter_context(self.sample_dims.recording())
+        return stack
 
     def check(self) -> None:
-        """Pyro's checks on the recorded traces (nothing when not enabled)."""
+        """Pyro's checks on the recorded traces, then that no cost lost a sample dim
+        (nothing when not enabled)."""
         if not self.enabled:
             return
         traces = {role: tracer.trace for role, tracer in self.traces.items()}
@@ -64,6 +71,7 @@ class PyroChecks:
             warn_if_enumerated(traces["guide"])
         for trace in traces.values():
             self._check_site_shapes(trace)
+        self.sample_dims.check()
 
     def _check_site_shapes(self, trace: Trace) -> None:
         for name, site in trace.nodes.items():

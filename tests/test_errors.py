@@ -344,7 +344,7 @@ def test_batch_shape_inside_plates_is_fine():
             z = storch.sample(
                 "wide", dist.Normal(loc, 1.0), estimator=estimators.ScoreFunction(n_samples=2)
             )
-        storch.add_cost("c", z.sum())
+        storch.add_cost("c", z.sum(-1))  # over the plate, keeping the sample dim
 
     _loss_and_grads(model, max_plate_nesting=1)
 
