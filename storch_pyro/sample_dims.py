@@ -178,11 +178,12 @@ class SampleDimChecks:
         raise StorchError(
             f"cost '{cost}' depends on the samples of site(s) {sites}, but lacks their sample "
             f"dim: the program reduced over it (e.g. .sum() or .mean() over all dims, or "
-            f"indexing). The loss averages each cost over the sample dims itself, so this "
-            f"loss would be wrong (a sum counts each sample again; Enumerate's weights are "
-            f"lost, and with them the gradient). Reduce costs over plate dims only and keep "
-            f"the sample dims, e.g. .sum(-1) over a plate's dim instead of .sum(), or call "
-            f"add_cost inside the plate."
+            f"indexing), or moved it (a reduction over a plate's dim without keepdim). The "
+            f"loss averages each cost over the sample dims itself, so this loss would be wrong "
+            f"(a sum counts each sample again; Enumerate's weights are lost, and with them "
+            f"the gradient). Reduce costs over plate dims only, keeping the sample dims where "
+            f"they are: e.g. .sum(-1, keepdim=True) over a plate's dim instead of .sum(), or "
+            f"call add_cost inside the plate."
         )
 
 
