@@ -25,6 +25,7 @@ with them the gradient). Two tools here:
   and the remedy (:meth:`BaseException.add_note`; torch is not patched).
 """
 
+import weakref
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -33,7 +34,6 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 from pyro.poutine.subsample_messenger import _Subsample
 from torch.overrides import TorchFunctionMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 from storch_pyro.errors import StorchError
 from storch_pyro.estimators.relaxation import discrete_base
@@ -68,11 +68,33 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
-class _Provenance(TorchFunctionMode):
-    """Propagates provenance (a frozenset of sample frame keys) through torch ops, in
-    ``table`` (tensor -> provenance), without changing any result."""
+class ProvenanceTable:
+    """Provenance (a frozenset of sample frame keys) by tensor identity, holding no tensor
+    alive: an entry whose tensor was freed (its id reused) is ignored."""
 
-    def __init__(self, table: WeakIdKeyDictionary) -> None:
+    def __init__(self) -> None:
+        self.entries: Dict[int, Tuple[Any, frozenset]] = {}
+
+    def get(self, tensor: torch.Tensor) -> frozenset:
+        entry = self.entries.get(id(tensor))
+        if entry is None or entry[0]() is not tensor:
+            return _EMPTY
+        return entry[1]
+
+    def add(self, tensor: torch.Tensor, provenance: frozenset) -> None:
+        old = self.get(tensor)
+        if not provenance <= old:
+            self.entries[id(tensor)] = (weakref.ref(tensor), old | provenance)
+
+
+_EMPTY: frozenset = frozenset()
+
+
+class _Provenance(TorchFunctionMode):
+    """Propagates provenance through torch ops, in a :class:`ProvenanceTable`, without
+    changing any result."""
+
+    def __init__(self, table: ProvenanceTable) -> None:
         super().__init__()
         self.table = table
 
@@ -80,23 +102,32 @@ class _Provenance(TorchFunctionMode):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
+        in_place = name == "__setitem__" or (name[-1:] == "_" and name[-2:] != "__")
+        if not (in_place or kwargs or isinstance(result, (torch.Tensor, tuple, list))):
+            return result  # .shape, .item(), bool(), ...: nothing to record
         if name in _NO_FLOW:
             return result
-        table = self.table
-        provenance = frozenset()
-        for tensor in _tensors((args, kwargs)):
-            found = table.get(tensor)
+        get = self.table.get
+        provenance = _EMPTY
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                found = get(arg)
+            elif isinstance(arg, (tuple, list)):
+                found = _EMPTY.union(*(get(t) for t in _tensors(arg)))
+            else:
+                continue
             if found:
                 provenance = provenance | found
+        for tensor in _tensors(kwargs):
+            provenance = provenance | get(tensor)
         if provenance:
-            targets = list(_tensors(result))
-            if args and isinstance(args[0], torch.Tensor) and (
-                name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
-            ):
-                targets.append(args[0])  # in-place: the mutated tensor
-            targets.extend(_tensors(kwargs.get("out")))
-            for tensor in targets:
-                table[tensor] = table.get(tensor, frozenset()) | provenance
+            add = self.table.add
+            for tensor in _tensors(result):
+                add(tensor, provenance)
+            if in_place and args and isinstance(args[0], torch.Tensor):
+                add(args[0], provenance)  # the mutated tensor
+            for tensor in _tensors(kwargs.get("out")):
+                add(tensor, provenance)
         return result
 
 
@@ -115,9 +146,7 @@ class _Recorder(Messenger):
             return
         key = self.checks.frame_of(msg["name"])
         if key is not None:
-            table = self.checks.table
-            value = msg["value"]
-            table[value] = table.get(value, frozenset()) | {key}
+            self.checks.table.add(msg["value"], frozenset({key}))
 
 
 class SampleDimChecks:
@@ -136,7 +165,7 @@ class SampleDimChecks:
 
     def __init__(self, run: Run) -> None:
         self.run = run
-        self.table = WeakIdKeyDictionary()
+        self.table = ProvenanceTable()
         self.lost: List[Tuple[str, Any]] = []
         self._n_costs = 0
 
@@ -162,7 +191,7 @@ class SampleDimChecks:
             return
         sizes = {key: size for _, size, key in self.run.sample_frames}
         for cost in costs[self._n_costs:]:
-            provenance = self.table.get(cost.value, frozenset())
+            provenance = self.table.get(cost.value)
             lost = [key for key in provenance if key not in cost.ordinal and sizes[key] > 1]
             if lost:
                 self.lost.append((cost.name, sorted(lost, key=lambda key: -key[1])))
