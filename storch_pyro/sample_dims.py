@@ -12,8 +12,10 @@ with them the gradient). Two tools here:
   its value depends on, by provenance (Wingate et al. 2011): a
   :class:`~torch.overrides.TorchFunctionMode` propagates, through every torch op, the set of
   sample frames of the inputs to the outputs, starting from the site values handed to the
-  program. A cost whose provenance holds a frame its dims lack (absent, or of size 1) was
-  reduced over it, and :meth:`SampleDimChecks.check` raises a
+  program. A cost whose provenance holds a frame that its dims lack (absent, or of size
+  1), and that its sample weights do not bring in either (an enumerated site's weights
+  :math:`q(z \\mid a)` carry an upstream frame of :math:`a`), was reduced over it, and
+  :meth:`SampleDimChecks.check` raises a
   :class:`~storch_pyro.errors.StorchError` naming the cost and the site. No tensor is
   wrapped (the program sees plain tensors; provenance lives in a table keyed by tensor
   identity), and the program is not run again. A cost that does not depend on a site (no
