@@ -1,7 +1,7 @@
 """StorchELBO: a :class:`pyro.infer.ELBO` whose gradient is each site's chosen estimator."""
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Optional
 
 import pyro
@@ -17,6 +17,12 @@ from storch_pyro import state as estimator_state
 from storch_pyro.errors import NonFiniteCostError
 from storch_pyro.estimators.base import Estimator
 from storch_pyro.handlers.tracing import Run, StorchMessenger, resolve_site
+from storch_pyro.sample_dims import (
+    SampleDimChecks,
+    example_sites,
+    explain_errors,
+    run_sites,
+)
 from storch_pyro.surrogate import (
     expected_cost,
     raise_if_not_finite,
@@ -200,16 +206,21 @@ class StorchELBO(ELBO):
     def _run(self, model, guide, args, kwargs) -> Run:
         first_sample_dim = -int(self.max_plate_nesting) - 1
         run = Run(self.default_estimator, first_sample_dim, args, kwargs)
+        validating = is_validation_enabled()
+        # Costs reduced over a sample dim: found by provenance, on inline-validated runs.
+        sample_dims = SampleDimChecks(run) if validating else None
+        notes = explain_errors(lambda: run_sites(run))
         if guide is None:
-            with StorchMessenger(run, "scg"):
+            with notes, StorchMessenger(run, "scg"), _recording(sample_dims):
                 model(*args, **kwargs)
         else:
-            with StorchMessenger(run, "guide"):
+            with notes, StorchMessenger(run, "guide"), _recording(sample_dims):
                 guide(*args, **kwargs)
-            with StorchMessenger(run, "model"):
+            with notes, StorchMessenger(run, "model"), _recording(sample_dims):
                 model(*args, **kwargs)
-        if is_validation_enabled():
+        if validating:
             check_run(run, self._check_nesting(run))
+            sample_dims.check()
         else:
             run.raise_deferred()  # a mask of the wrong shape (see Run.raise_deferred)
         return run
@@ -236,7 +247,9 @@ class StorchELBO(ELBO):
         restored after it, so the step draws what it would have drawn without it."""
         vectorized = self.vectorize_particles and self.num_particles > 1
         probe = _NestingProbe(self.default_estimator)
-        with _rng_restored(not vectorized), poutine.block():
+        with _rng_restored(not vectorized), poutine.block(), explain_errors(
+            lambda: example_sites(probe.values)
+        ):
             if guide is None:
                 with probe:
                     model(*args, **kwargs)
@@ -247,6 +260,10 @@ class StorchELBO(ELBO):
                     poutine.replay(model, trace=guide_tracer.trace)(*args, **kwargs)
         self.max_plate_nesting = probe.nesting + (1 if vectorized else 0)
         self._nesting_guessed = True
+
+
+def _recording(sample_dims: Optional[SampleDimChecks]):
+    return nullcontext() if sample_dims is None else sample_dims.recording()
 
 
 @contextmanager
@@ -274,6 +291,7 @@ class _NestingProbe(Messenger):
         super().__init__()
         self.default_estimator = default_estimator
         self.nesting = 0
+        self.values: dict = {}
 
     def _pyro_sample(self, msg) -> None:
         if msg["is_observed"] or msg["done"] or type(msg["fn"]) is _Subsample:
@@ -282,6 +300,7 @@ class _NestingProbe(Messenger):
         estimator.check(msg["name"], msg["fn"])
         msg["value"] = estimator.example_value(msg["fn"])
         msg["done"] = True
+        self.values[msg["name"]] = (estimator, msg["fn"], msg["value"])
 
     def _postprocess_message(self, msg) -> None:
         if msg["type"] == "sample" and type(msg["fn"]) is not _Subsample:

@@ -23,7 +23,10 @@ episodes of random length).
   unvalidated path for the structures it has validated.
 
 Dims left of ``max_plate_nesting`` are ignored by the shape checks, as Pyro ignores
-enumeration dims there, so the sample dims of multi-sample sites pass.
+enumeration dims there, so the sample dims of multi-sample sites pass. On inline-validated
+runs (the first step, every step with ``validate_every_step=True``, and ``loss``),
+:class:`~storch_pyro.sample_dims.SampleDimChecks` also finds costs reduced over a sample dim:
+it follows provenance while the program runs, so it cannot run after the fact.
 """
 
 import warnings

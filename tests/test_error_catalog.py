@@ -282,6 +282,15 @@ def _add_cost_plate_shape():
     _elbo_step(model)
 
 
+def _cost_lost_sample_dim():
+    def model():
+        p = pyro.param("p", torch.tensor(0.3))
+        z = storch.sample("z", dist.Bernoulli(p), estimator=estimators.ScoreFunction(n_samples=4))
+        storch.add_cost("total", (z * 2.0).sum())
+
+    _elbo_step(model)
+
+
 def _observation_out_of_support():
     def model():
         p = pyro.param("p", torch.tensor(0.3))
@@ -465,6 +474,9 @@ ENTRIES = {
     ),
     "add-cost-plate-shape": Entry(
         _add_cost_plate_shape, StorchError, "'fit'", "Compute the cost per element of the plate"
+    ),
+    "cost-lost-sample-dim": Entry(
+        _cost_lost_sample_dim, StorchError, "'total'", "keepdim=True"
     ),
     "log-prob-error": Entry(
         _observation_out_of_support, ValueError, "'coin'", "is in the support of the site's"

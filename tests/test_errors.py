@@ -344,9 +344,197 @@ def test_batch_shape_inside_plates_is_fine():
             z = storch.sample(
                 "wide", dist.Normal(loc, 1.0), estimator=estimators.ScoreFunction(n_samples=2)
             )
-        storch.add_cost("c", z.sum())
+        storch.add_cost("c", z.sum(-1, keepdim=True))  # over the plate only
 
     _loss_and_grads(model, max_plate_nesting=1)
+
+
+# ---- costs reduced over a sample dim; exceptions with sample dims (issue 12 §3, §6) -------
+
+
+def _summed_over_samples():
+    p = pyro.param("p", torch.tensor(0.3))
+    z = storch.sample("z", dist.Bernoulli(p), estimator=estimators.ScoreFunction(n_samples=4))
+    storch.add_cost("f", (z + 1.0).sum())  # objective E[z + 1] = 1.3; the loss was 4x that
+
+
+def _enumerated_summed_over_plate_and_samples():
+    probs = pyro.param("probs", torch.tensor([0.2, 0.5, 0.7]))
+    with pyro.plate("N", 3):
+        z = storch.sample("z", dist.Bernoulli(probs), estimator=estimators.Enumerate())
+    storch.add_cost("f", (z * torch.tensor([1.0, 2.0, 3.0])).sum())
+
+
+@pytest.mark.parametrize(
+    "model, site, estimator",
+    [
+        (_summed_over_samples, "'z'", "ScoreFunction(n_samples=4"),
+        (_enumerated_summed_over_plate_and_samples, "'z'", "Enumerate()"),
+    ],
+)
+def test_cost_reduced_over_a_sample_dim_raises(model, site, estimator):
+    with pytest.raises(StorchError) as info:
+        _loss_and_grads(model)
+    message = str(info.value)
+    assert "cost 'f'" in message and site in message and estimator in message
+    assert "keepdim=True" in message
+
+
+def test_cost_reduced_over_a_plate_without_keepdim_raises():
+    # the plate's dim is gone, so the sample dims moved right: z's dim -2 is now dim -1
+    def model():
+        probs = pyro.param("probs", torch.tensor([0.2, 0.5, 0.7]))
+        with pyro.plate("N", 3):
+            z = storch.sample("z", dist.Bernoulli(probs), estimator=estimators.ScoreFunction(4))
+        storch.add_cost("f", z.sum(-1))
+
+    with pytest.raises(StorchError, match="cost 'f' depends on the samples of site"):
+        _loss_and_grads(model)
+
+
+def test_cost_reduced_over_an_upstream_sample_dim_names_that_site():
+    def model():
+        loc = pyro.param("loc", torch.tensor(0.0))
+        a = storch.sample("a", dist.Normal(loc, 1.0), estimator=estimators.ScoreFunction(3))
+        b = storch.sample("b", dist.Normal(a, 1.0))  # pathwise, carries a's sample dim
+        storch.add_cost("f", b.mean())
+
+    with pytest.raises(StorchError, match=r"cost 'f' depends on the samples of site\(s\) 'a'"):
+        _loss_and_grads(model)
+
+
+def test_cost_reduced_over_samples_in_the_guide_or_an_observation_raises():
+    def model(data):
+        loc = storch.sample("loc", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(loc.mean(), 1.0), obs=data)  # loc.mean() over samples
+
+    def guide(data):
+        q = pyro.param("q", torch.tensor(0.0))
+        storch.sample("loc", dist.Normal(q, 1.0), estimator=estimators.ScoreFunction(2))
+
+    with pytest.raises(StorchError, match="cost 'x' depends on the samples of site"):
+        storch.StorchELBO().loss_and_grads(model, guide, torch.tensor(0.5))
+
+
+def test_costs_that_keep_or_do_not_need_a_sample_dim_pass():
+    weights = torch.tensor([1.0, 2.0, 3.0])
+    table = torch.tensor([1.0, -1.0])
+
+    def model():
+        p = pyro.param("p", torch.tensor(0.3))
+        probs = pyro.param("probs", torch.tensor([0.2, 0.5, 0.7]))
+        a = storch.sample("a", dist.Bernoulli(p), estimator=estimators.ScoreFunction(4))
+        storch.add_cost("const", torch.ones(5).sum() * p)  # independent of a: no sample dim
+        storch.add_cost("fa", a * 2.0)  # keeps a's sample dim
+        with pyro.plate("N", 3):
+            z = storch.sample("z", dist.Bernoulli(probs * 0.5 + 0.1 * a),
+                              estimator=estimators.Enumerate())
+            y = storch.sample("y", dist.Bernoulli(probs), estimator=estimators.ScoreFunction(2))
+            storch.add_cost("fz", z * weights + a.new_zeros(()))
+            storch.add_cost("h", table[z.long()] + 0.0 * a)
+        storch.add_cost("g", (y * weights).sum(-1, keepdim=True))  # over the plate only
+
+    loss = storch.StorchELBO().differentiable_loss(model, None)
+    assert type(loss) is torch.Tensor and loss.requires_grad
+
+
+def test_sample_dim_checks_run_on_validated_steps_only():
+    depths = []
+
+    def model():
+        p = pyro.param("p", torch.tensor(0.3))
+        z = storch.sample("z", dist.Bernoulli(p), estimator=estimators.ScoreFunction(2))
+        depths.append(torch._C._len_torch_function_stack())
+        storch.add_cost("f", z)
+
+    elbo = storch.StorchELBO()
+    for _ in range(3):
+        elbo.differentiable_loss(model, None)
+    # (the first call to the model is the max_plate_nesting probe)
+    assert depths[1] > 0 and depths[2:] == [0, 0], depths  # checked, then the fast path
+
+
+def _multi_sample(action):
+    def model():
+        p = pyro.param("p", torch.tensor(0.3))
+        z = storch.sample("z", dist.Bernoulli(p), estimator=estimators.ScoreFunction(4))
+        storch.add_cost("f", z * action(z))
+
+    return model
+
+
+def _note(error: BaseException) -> str:
+    return "\n".join(getattr(error, "__notes__", []))
+
+
+@pytest.mark.parametrize(
+    "action", [lambda z: z.item(), lambda z: float(bool(z))], ids=["item", "bool"]
+)
+def test_scalar_use_of_a_multi_sample_value_is_noted(action):
+    with pytest.raises(RuntimeError) as info:
+        _loss_and_grads(_multi_sample(action))
+    note = _note(info.value)
+    assert "site 'z' (ScoreFunction(n_samples=4" in note
+    assert "holds 4 values along a sample dim at dim -1" in note
+    assert "ScoreFunction(baseline=MovingAverage())" in note
+
+
+@pytest.mark.parametrize(
+    "estimator", [estimators.ScoreFunction(n_samples=2), estimators.ARM(),
+                  estimators.DisARM(), estimators.REBAR()],
+    ids=repr,
+)
+def test_two_dimensional_code_given_a_sample_dim_is_noted(estimator):
+    # AIR's spatial transformer: code that takes one 2-D batch (issue 12 §6)
+    def model():
+        p = pyro.param("p", torch.full((5,), 0.3))
+        with pyro.plate("batch", 5):
+            z_pres = storch.sample("z_pres", dist.Bernoulli(p), estimator=estimator)
+        features = torch.cat([z_pres.unsqueeze(-1), torch.zeros(5, 2)], -1)
+        storch.add_cost("f", features.sum(-1))
+
+    with pytest.raises(RuntimeError, match="same number of dimensions") as info:
+        _loss_and_grads(model)
+    note = _note(info.value)
+    assert f"site 'z_pres' ({estimator!r}) holds" in note
+    assert "must broadcast over dims left of their plates" in note
+
+
+def _indexed_relaxed_model(with_multi_sample):
+    def model():
+        logits = pyro.param("logits", torch.zeros(3))
+        if with_multi_sample:
+            p = pyro.param("p", torch.tensor(0.3))
+            storch.sample("b", dist.Bernoulli(p), estimator=estimators.ScoreFunction(2))
+        k = storch.sample("k", dist.Categorical(logits=logits),
+                          estimator=estimators.GumbelSoftmax())
+        storch.add_cost("f", torch.tensor([1.0, 2.0, 3.0])[k])
+
+    return model
+
+
+@pytest.mark.parametrize("with_multi_sample", [False, True])
+def test_indexing_with_a_relaxed_one_hot_value_is_noted(with_multi_sample):
+    # with a multi-sample site, the max_plate_nesting probe meets the error first
+    with pytest.raises(IndexError) as info:
+        _loss_and_grads(_indexed_relaxed_model(with_multi_sample))
+    note = _note(info.value)
+    assert "site 'k' (GumbelSoftmax" in note
+    assert "relaxed one-hot value (floats over a last dim of size 3)" in note
+    assert "z @ table, not table[z]" in note
+
+
+def test_no_note_without_sample_dims_or_on_storch_errors():
+    def plain():
+        z = storch.sample("z", dist.Bernoulli(0.3))
+        storch.add_cost("f", z * torch.ones(2)[z.long() + 5])
+
+    with pytest.raises(IndexError) as info:
+        _loss_and_grads(plain)
+    assert not _note(info.value)
+    with pytest.raises(StorchError) as info:
+        _loss_and_grads(_summed_over_samples)
+    assert not _note(info.value)
 
 
 # ---- import side effects ----------------------------------------------------------------

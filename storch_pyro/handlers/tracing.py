@@ -103,6 +103,8 @@ class Run:
         self.density_values: Dict[str, torch.Tensor] = {}
         #: Sites whose estimator computes their log-densities itself: (estimator, state).
         self.density_owners: Dict[str, Tuple[Estimator, Any]] = {}
+        #: Each site drawn so far: (estimator, distribution), for error messages.
+        self.drawn: Dict[str, Tuple[Estimator, Any]] = {}
         #: Each pass's sample messages (by role), for Pyro's checks on validated steps.
         self.messages: Dict[str, List[Message]] = {}
         #: The first mask that did not broadcast to its site's log-density, raised after
@@ -261,6 +263,7 @@ class StorchMessenger(Messenger):
             return
         estimator, baseline = resolve_site(msg, self.run.default_estimator)
         fn = msg["fn"]
+        self.run.drawn[name] = (estimator, fn)
         estimator.check(name, fn)
         k = estimator.sample_size(fn)
         sample_dim = None
