@@ -1,6 +1,7 @@
 """Gumbel-Rao: the straight-through Gumbel-softmax gradient, Rao-Blackwellized over the Gumbel
 noise given the discrete sample (Paulus, Maddison & Krause 2021)."""
 
+from functools import partial
 from typing import Tuple
 
 import torch
@@ -14,6 +15,25 @@ from storch_pyro.estimators.relaxed_sampling import (
     logistic_conditional,
     open_uniform,
 )
+
+
+def conditional_noise(
+    kind: str, scores: torch.Tensor, hard: torch.Tensor, n: int
+) -> torch.Tensor:
+    """``n`` independent draws of the noise given the discrete value, stacked on a new
+    leading dim: for a Bernoulli (``kind="bernoulli"``) with logits ``scores``, logistic
+    :math:`L` with :math:`1[\\phi + L > 0] =` ``hard``; for a categorical with normalized
+    log-probabilities ``scores``, Gumbels :math:`G` with
+    :math:`\\arg\\max(\\log\\pi + G) =` ``hard`` (one-hot). Constants of the gradient
+    (computed from the detached ``scores``)."""
+    scores = scores.detach()
+    shape = (n,) + tuple(torch.broadcast_shapes(scores.shape, hard.shape))
+    v = open_uniform(shape, scores)
+    if kind == "bernoulli":
+        return logistic_conditional(scores, hard, v) - scores
+    z_tilde = gumbel_conditional(scores, hard, v)
+    # impossible categories (log pi = -inf) keep their -inf score: noise 0 there
+    return torch.where(torch.isfinite(scores), z_tilde - scores, 0.0)
 
 
 class GumbelRao(_Relaxation):
@@ -98,29 +118,18 @@ class GumbelRao(_Relaxation):
         shape = tuple(sample_shape) + tuple(logits.shape)
         # the same uniforms as GumbelSoftmax(hard=True) (torch's relaxed rsample)
         u = clamp_probs(torch.rand(shape, dtype=logits.dtype, device=logits.device))
-        n_more = (self.n_conditional - 1,)
         if kind == "bernoulli":
+            scores = logits
             noise = torch.log(u) - torch.log1p(-u)  # logistic
             hard = (logits.detach() + noise > 0).to(logits.dtype)
-            if n_more[0]:
-                v = open_uniform(n_more + shape, logits)
-                z_tilde = logistic_conditional(logits.detach(), hard, v)
-                noise = torch.cat([noise.unsqueeze(0), z_tilde - logits.detach()], 0)
-            soft = torch.sigmoid((logits + noise) / self.temperature)
         else:
-            log_pi = torch.log_softmax(logits, -1)
+            scores = torch.log_softmax(logits, -1)
             noise = -torch.log(-torch.log(u))  # Gumbel
-            hard = F.one_hot((log_pi.detach() + noise).argmax(-1), shape[-1]).to(logits.dtype)
-            if n_more[0]:
-                v = open_uniform(n_more + shape, logits)
-                fixed = log_pi.detach()
-                z_tilde = gumbel_conditional(fixed, hard, v)
-                # impossible categories (log pi = -inf) keep -inf scores: noise 0 there
-                more = torch.where(torch.isfinite(fixed), z_tilde - fixed, 0.0)
-                noise = torch.cat([noise.unsqueeze(0), more], 0)
-            soft = torch.softmax((log_pi + noise) / self.temperature, -1)
-        if n_more[0]:
-            soft = soft.mean(0)
+            hard = F.one_hot((scores.detach() + noise).argmax(-1), shape[-1]).to(logits.dtype)
+        noise = torch.cat([noise.unsqueeze(0), conditional_noise(
+            kind, scores.detach(), hard, self.n_conditional - 1)], 0)
+        relax = torch.sigmoid if kind == "bernoulli" else partial(torch.softmax, dim=-1)
+        soft = relax((scores + noise) / self.temperature).mean(0)
         return _straight_through(hard, soft), (kind, hard)
 
     def __repr__(self) -> str:
