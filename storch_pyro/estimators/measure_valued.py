@@ -286,7 +286,17 @@ class MeasureValued(Estimator):
                 replacements = [x + 1.0]
             else:
                 n = layout.n_categories
-                replacements = [(x + j) % n for j in range(1, n)]
+                # a category of probability zero (logit -inf) is not evaluated: its
+                # log-density would be -inf, and its gradient p_i (f(i) - E f) is 0 anyway
+                logits = layout.params[0][1].detach()
+                possible = torch.isfinite(logits.reshape(logits.shape[:len(fn.batch_shape)]
+                                                         + (n_coordinates, n)))
+                possible = possible.expand(x.shape + (n,))
+                replacements = []
+                for j in range(1, n):
+                    shifted = (x + j) % n
+                    keep = possible.gather(-1, shifted.unsqueeze(-1)).squeeze(-1)
+                    replacements.append(torch.where(keep, shifted, x))
         r = torch.stack(replacements)  # (T, k, *rest, C)
         eye = torch.eye(n_coordinates, dtype=torch.bool, device=x.device)
         eye = eye.reshape((1, n_coordinates) + (1,) * (1 + len(rest)) + (n_coordinates,))
@@ -356,7 +366,10 @@ class MeasureValued(Estimator):
             if categorical:
                 flat_shape = flat_shape + (layout.n_categories,)
             theta = _FirstOrderOnly.apply(param, state.site).reshape(flat_shape)
-            product = grad * (theta - theta.detach())
+            difference = theta - theta.detach()
+            if categorical:  # logits -inf: inf - inf; their gradient is 0
+                difference = torch.where(torch.isfinite(theta.detach()), difference, 0.0)
+            product = grad * difference
             product = product.sum((-2, -1) if categorical else -1)
             term = product if term is None else term + product
         return term.sum(0, keepdim=True) / k
