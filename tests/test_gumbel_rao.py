@@ -243,6 +243,31 @@ def test_elbo_log_densities_at_the_discrete_value():
     assert torch.isfinite(grad).all()
 
 
+def test_trains_with_svi_in_elbo_mode():
+    """A one-hot guide per data point learns the posterior's mode: y ~ N(c . (-1, 0, 1), 0.3)
+    puts almost all mass on the category nearest each y."""
+    y = torch.tensor([-0.9, 0.1, 1.2, 0.05])
+
+    def model():
+        with pyro.plate("d", 4):
+            c = pyro.sample("c", dist.OneHotCategorical(logits=torch.zeros(3)))
+            pyro.sample("y", dist.Normal(c @ torch.tensor([-1.0, 0.0, 1.0]), 0.3), obs=y)
+
+    def guide():
+        logits = pyro.param("logits", torch.zeros(4, 3))
+        with pyro.plate("d", 4):
+            storch.sample("c", dist.OneHotCategorical(logits=logits),
+                          estimator=estimators.GumbelRao(0.5, 10))
+
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.1}),
+                         loss=storch.StorchELBO())
+    for _ in range(200):
+        svi.step()
+    probs = torch.softmax(pyro.param("logits"), -1)
+    assert torch.equal(probs.argmax(-1), torch.tensor([0, 1, 2, 1]))
+    assert (probs.max(-1).values > 0.8).all()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_extreme_logits_give_finite_values_and_gradients(kind, dtype):

@@ -405,6 +405,30 @@ def test_no_perturbations_without_gradient():
     assert shapes[-1] == (3,)
 
 
+def test_trains_with_svi_in_elbo_mode():
+    """SVI with pyro.param (a constrained scale) and loss_and_grads: the guide N(loc, sc)
+    reaches the exact posterior N(4x/5, 1/5) of z ~ N(0, 1), x ~ N(z, 1/2)."""
+    data = torch.tensor([1.5, 0.7, 2.1, 1.2])
+
+    def model():
+        with pyro.plate("d", 4):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 0.5), obs=data)
+
+    def guide():
+        loc = pyro.param("loc", torch.zeros(4))
+        scale = pyro.param("scale", torch.ones(4), constraint=dist.constraints.positive)
+        with pyro.plate("d", 4):
+            storch.sample("z", dist.Normal(loc, scale), estimator=estimators.MeasureValued())
+
+    svi = pyro.infer.SVI(model, guide, pyro.optim.ClippedAdam({"lr": 0.1, "lrd": 0.98}),
+                         loss=storch.StorchELBO())
+    for _ in range(150):
+        svi.step()
+    assert (pyro.param("loc") - 0.8 * data).abs().max() < 0.15
+    assert (pyro.param("scale") - 0.2**0.5).abs().max() < 0.1
+
+
 # ==== 4. variance against the score function at equal evaluations ===========================
 
 
