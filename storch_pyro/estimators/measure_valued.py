@@ -168,8 +168,7 @@ class _FirstOrderOnly(torch.autograd.Function):
 class _Draw(NamedTuple):
     site: str
     layout: _Layout
-    x: torch.Tensor  # the base draws (k, *rest, C); categoricals: indices
-    noise: Optional[torch.Tensor]  # Normal: (W, M) stacked, (2, k, *rest, C)
+    x: Optional[torch.Tensor]  # the draws (k, *rest, C) (categoricals: indices), or None
 
 
 class MeasureValued(Estimator):
@@ -249,26 +248,22 @@ class MeasureValued(Estimator):
     def draw_site(self, site: str, fn: Distribution, sample_shape: Tuple[int, ...]):
         layout = _layout(fn)
         if not layout.n_types:
-            return fn.sample(sample_shape), _Draw(site, layout, None, None)
+            return fn.sample(sample_shape), _Draw(site, layout, None)
         base = _base(fn)
         k = self.n_samples
         rest = tuple(sample_shape[1:]) + tuple(fn.batch_shape)
         event = layout.latent_event
         n_coordinates = math.prod(event)
         flat = (k,) + rest + (n_coordinates,)
-        noise = None
         if layout.kind == "normal":
             loc, scale = (_flat(getattr(base, name), fn, layout).detach()
                           for name in ("loc", "scale"))
-            like = loc
-            w = torch.sqrt(-2.0 * torch.log1p(-torch.rand(flat, dtype=like.dtype,
-                                                          device=like.device)))
-            m = torch.randn((3,) + flat, dtype=like.dtype, device=like.device).pow(2).sum(0)
-            sign = torch.randint(0, 2, flat, device=like.device).to(like.dtype) * 2.0 - 1.0
-            m = sign * m.sqrt()
-            u = torch.rand(flat, dtype=like.dtype, device=like.device)
-            x = loc + scale * m * u
-            noise = torch.stack([w, m])
+            options = {"dtype": loc.dtype, "device": loc.device}
+            # W ~ Weibull(sqrt 2, 2) by inversion; M: a random sign times a chi(3)
+            w = torch.sqrt(-2.0 * torch.log1p(-torch.rand(flat, **options)))
+            m = torch.randn((3,) + flat, **options).pow(2).sum(0).sqrt()
+            m = m * (torch.randint(0, 2, flat, device=loc.device).to(loc.dtype) * 2.0 - 1.0)
+            x = loc + scale * m * torch.rand(flat, **options)  # M U ~ N(0, 1)
             replacements = []
             for name, _ in layout.params:
                 if name == "loc":
@@ -305,7 +300,7 @@ class MeasureValued(Estimator):
         value = value.reshape((-1,) + rest + event)
         if layout.kind == "onehotcategorical":
             value = F.one_hot(value, layout.n_categories).to(base.logits.dtype)
-        return value, _Draw(site, layout, x, noise)
+        return value, _Draw(site, layout, x)
 
     def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]):
         return self.draw_site("?", fn, sample_shape)
