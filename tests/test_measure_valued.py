@@ -350,6 +350,26 @@ def test_below_an_upstream_multi_sample_site(make_upstream):
     assert_unbiased(torch.stack([g_alpha, g_mu], -1), exact, 0.02)
 
 
+def test_two_measure_valued_sites_in_a_chain():
+    """z1 ~ N(mu, 1), z2 ~ N(z1, s) (both MeasureValued: z2 has its own sample dim over
+    z1's), cost 1[z2 > 0.5]: E f = Phi((mu - 0.5) / sqrt(1 + s^2)). Power: s.e. below 2.5%
+    of the largest coordinate."""
+    mu0, s0 = 0.2, 0.7
+    mu, s = _rows(mu0), _rows(s0)
+
+    def model():
+        with pyro.plate("copies", N):
+            z1 = storch.sample("z1", dist.Normal(mu, 1.0), estimator=estimators.MeasureValued())
+            z2 = storch.sample("z2", dist.Normal(z1, s), estimator=estimators.MeasureValued())
+            storch.add_cost("step", step(z2))
+
+    g_mu, g_s = _grads(model, [mu, s])
+    m, sd = _leaf(mu0), _leaf(s0)
+    exact = torch.stack(torch.autograd.grad(
+        _normal_cdf((m - 0.5) / (1 + sd**2).sqrt()), [m, sd]))
+    assert_unbiased(torch.stack([g_mu, g_s], -1), exact, 0.025)
+
+
 def test_vectorized_particles():
     """StorchELBO(num_particles=3, vectorize_particles=True): the particle plate is one more
     plate the site and its cost are in. Closed form as in the step-function test. Power:
