@@ -10,6 +10,7 @@ perturbed at once, each cost being per index). Variance figures are same-run com
 equal numbers of evaluations of the cost.
 """
 
+import contextlib
 import itertools
 import math
 
@@ -435,6 +436,34 @@ def test_normal_evaluation_points_have_the_weak_derivatives_laws():
     assert abs((z[3] > 0).double().mean().item() - 0.5) < 0.02
     # the coupling: the draw is M U, so |z_0| <= |z_3| with the same sign
     assert (z[0].abs() <= z[3].abs() + 1e-12).all() and (z[0] * z[3] >= 0).all()
+
+
+@pytest.mark.parametrize("sizes, nesting, k", [((), 0, 1), ((3,), 2, 2), ((2, 3), 3, 3)])
+def test_sample_dim_left_of_plates(sizes, nesting, k):
+    """A Bernoulli site in nested plates, with room for more plates: its k draws and their
+    k flips lie on one dim left of ``max_plate_nesting``; the loss is the mean cost of the
+    draws."""
+    logits = torch.full(sizes, 0.3, dtype=F64, requires_grad=True)
+    target = torch.full(sizes, 0.6, dtype=F64)
+    seen = []
+
+    def model():
+        with contextlib.ExitStack() as stack:
+            for i, size in enumerate(sizes):
+                stack.enter_context(pyro.plate(f"p{i}", size, dim=i - len(sizes)))
+            b = storch.sample("b", dist.Bernoulli(logits=logits),
+                              estimator=estimators.MeasureValued(k))
+            seen.append(b.detach())
+            storch.add_cost("c", (b - target) ** 2)
+
+    loss = storch.StorchELBO(max_plate_nesting=nesting).differentiable_loss(model, None)
+    value = seen[-1]
+    assert value.shape == (2 * k,) + (1,) * (nesting - len(sizes)) + sizes
+    costs = ((value - target) ** 2).reshape(2 * k, -1).sum(-1)
+    assert torch.allclose(loss, costs[:k].mean())
+    assert torch.equal(value[k:], 1 - value[:k])
+    (grad,) = torch.autograd.grad(loss, [logits])
+    assert torch.isfinite(grad).all()
 
 
 def test_no_perturbations_without_gradient():
