@@ -161,6 +161,8 @@ def surrogate_loss(run: Run) -> torch.Tensor:
         if node.baseline is not None:
             total = _add(total, _baseline_term(run, node, groups, prefix, boxes), node.weight)
         if node.estimator.has_control_term:
+            if node.estimator.needs_costs_in_plates:
+                _check_costs_in_plates(run, node)
             upstream_weight = run.weight_of(node.ordinal - {node.own_frame})
             if node.estimator.uses_control_context:
                 per_index, shared = _control_terms(
@@ -173,6 +175,27 @@ def surrogate_loss(run: Run) -> torch.Tensor:
                 term = _control_term(run, node, groups, prefix, boxes)
                 total = _add(total, term, upstream_weight)
     return _zero(run) if total is None else total
+
+
+def _check_costs_in_plates(run: Run, node: Node) -> None:
+    """Raises if a cost after ``node`` carries its sample dim (depends on its values) but
+    lacks one of its vectorized plates (see :attr:`Estimator.needs_costs_in_plates`)."""
+    if node.own_frame is None:
+        return
+    plates = {key for key in node.ordinal
+              if key[1] is not None and not key[0].startswith(SAMPLE_FRAME_PREFIX)}
+    for cost in run.costs:
+        if (cost.n_before > node.index and node.own_frame in cost.ordinal
+                and not plates <= cost.ordinal and _compatible(node.seq, cost.seq)):
+            missing = sorted(key[0] for key in plates - cost.ordinal)
+            raise StorchError(
+                f"cost '{cost.name}' depends on the value of site '{node.name}' but lies "
+                f"outside its plate(s) {missing}; {type(node.estimator).__name__} perturbs "
+                f"every index of those plates at once, which is exact only for costs "
+                f"computed per plate index. Compute '{cost.name}' inside the plate(s), make "
+                f"the site's coordinates an event (.to_event) so that they are perturbed one "
+                f"at a time, or use another estimator (e.g. ScoreFunction) at '{node.name}'."
+            )
 
 
 def _zero(run: Run) -> torch.Tensor:

@@ -168,6 +168,9 @@ TRAINED_ESTIMATORS = {
         (lambda: estimators.GumbelSoftmax(lambda step: 1.0 / (1.0 + step)), _onehot_site)
     ],
     "StraightThrough": [(estimators.StraightThrough, _bernoulli_site)],
+    "GumbelRao": [(lambda: estimators.GumbelRao(0.5, 3), _onehot_site)],
+    "MeasureValued": [(estimators.MeasureValued, _normal_site),
+                      (estimators.MeasureValued, _onehot_site)],
     "UnorderedSet": [(lambda: estimators.UnorderedSet(2), _onehot_site)],
     "REBAR": [(estimators.REBAR, _bernoulli_site)],
     "RELAX": [(lambda: estimators.RELAX(checkpoint_run.Pointwise(), rebar_term=True),

@@ -381,6 +381,27 @@ def _temperature_schedule():
     _elbo_step(model)
 
 
+def _measure_valued_cost_outside_plate():
+    def model():
+        loc = pyro.param("loc", torch.zeros(3))
+        with pyro.plate("data", 3):
+            z = storch.sample("z", dist.Normal(loc, 1.0), estimator=estimators.MeasureValued())
+        storch.add_cost("total", (z.sum(-1, keepdim=True) > 0.5).float())
+
+    _elbo_step(model)
+
+
+def _measure_valued_higher_order():
+    loc = pyro.param("loc", torch.tensor(0.0))
+
+    def model():
+        z = storch.sample("z", dist.Normal(loc, 1.0), estimator=estimators.MeasureValued())
+        storch.add_cost("c", z**2)
+
+    loss = storch.StorchELBO().differentiable_loss(model, None)
+    torch.autograd.grad(loss, [loc], create_graph=True)
+
+
 def _constructor_argument():
     estimators.ScoreFunction(n_samples=0)
 
@@ -496,6 +517,12 @@ ENTRIES = {
     ),
     "temperature-schedule": Entry(
         _temperature_schedule, ValueError, "'z'", "make it return a value > 0"
+    ),
+    "measure-valued-cost-outside-plate": Entry(
+        _measure_valued_cost_outside_plate, StorchError, "'z'", "Compute 'total' inside"
+    ),
+    "measure-valued-higher-order": Entry(
+        _measure_valued_higher_order, StorchError, "'z'", "Use ScoreFunction, Pathwise"
     ),
     "constructor-argument": Entry(
         _constructor_argument, ValueError, "n_samples", "must be a positive int"

@@ -77,6 +77,7 @@ ESTIMATORS = {
     "pathwise": lambda k: estimators.Pathwise(k),
     "arm": lambda k: estimators.ARM(k),
     "gumbel": lambda k: estimators.GumbelSoftmax(0.5, n_samples=k),
+    "gumbel-rao": lambda k: estimators.GumbelRao(0.5, 3, n_samples=k),
 }
 
 

@@ -4,6 +4,8 @@ from storch_pyro.estimators.antithetic import ARM, DisARM
 from storch_pyro.estimators.base import Estimator, working_estimators
 from storch_pyro.estimators.control_variates import LAX, REBAR, RELAX
 from storch_pyro.estimators.enumeration import Enumerate, SumAndSample
+from storch_pyro.estimators.gumbel_rao import GumbelRao
+from storch_pyro.estimators.measure_valued import MeasureValued
 from storch_pyro.estimators.pathwise import Pathwise
 from storch_pyro.estimators.relaxation import GumbelSoftmax, StraightThrough
 from storch_pyro.estimators.score_function import ScoreFunction
@@ -14,8 +16,10 @@ __all__ = [
     "DisARM",
     "Enumerate",
     "Estimator",
+    "GumbelRao",
     "GumbelSoftmax",
     "LAX",
+    "MeasureValued",
     "Pathwise",
     "REBAR",
     "RELAX",

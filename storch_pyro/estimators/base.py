@@ -90,6 +90,11 @@ class Estimator:
     #: Whether a baseline from :mod:`storch_pyro.baselines` may be added to the score term
     #: (not where the estimator has a built-in one).
     accepts_baseline: ClassVar[bool] = True
+    #: Whether the estimator's extra evaluations perturb every index of the site's
+    #: vectorized plates at once (measure-valued derivatives): then a downstream cost that
+    #: depends on the site's value must lie in all of its plates, and the loss raises
+    #: otherwise.
+    needs_costs_in_plates: ClassVar[bool] = False
     #: Every public estimator class, so errors can list the ones that would work.
     registry: ClassVar[List[Type["Estimator"]]] = []
 
