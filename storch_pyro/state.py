@@ -84,7 +84,12 @@ def recording() -> Iterator[StepUpdates]:
 
 def record(name: str, stats: torch.Tensor, update: Update) -> None:
     """Records a state update for the current step (nothing outside
-    :func:`recording`, e.g. when the loss is only evaluated)."""
+    :func:`recording`, e.g. when the loss is only evaluated).
+
+    Example (a step counter, once per step however many sites record it)::
+
+        record("storch_pyro.estimator.z.step", torch.ones(()), add_one)
+    """
     if _CURRENT:
         _CURRENT[-1].record(name, stats, update)
 

@@ -258,12 +258,12 @@ class MeasureValued(Estimator):
         if layout.kind == "normal":
             loc, scale = (_flat(getattr(base, name), fn, layout).detach()
                           for name in ("loc", "scale"))
-            options = {"dtype": loc.dtype, "device": loc.device}
+            dtype, device = loc.dtype, loc.device
             # W ~ Weibull(sqrt 2, 2) by inversion; M: a random sign times a chi(3)
-            w = torch.sqrt(-2.0 * torch.log1p(-torch.rand(flat, **options)))
-            m = torch.randn((3,) + flat, **options).pow(2).sum(0).sqrt()
-            m = m * (torch.randint(0, 2, flat, device=loc.device).to(loc.dtype) * 2.0 - 1.0)
-            x = loc + scale * m * torch.rand(flat, **options)  # M U ~ N(0, 1)
+            w = torch.sqrt(-2.0 * torch.log1p(-torch.rand(flat, dtype=dtype, device=device)))
+            m = torch.randn((3,) + flat, dtype=dtype, device=device).pow(2).sum(0).sqrt()
+            m = m * (torch.randint(0, 2, flat, device=device).to(dtype) * 2.0 - 1.0)
+            x = loc + scale * m * torch.rand(flat, dtype=dtype, device=device)  # M U ~ N(0, 1)
             replacements = []
             for name, _ in layout.params:
                 if name == "loc":
