@@ -13,6 +13,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
+from storch_pyro import distributed
 from storch_pyro import state as estimator_state
 from storch_pyro.errors import NonFiniteCostError
 from storch_pyro.estimators.base import Estimator
@@ -62,6 +63,12 @@ class StorchELBO(ELBO):
         estimate has the same distribution whatever the setting. ``True`` validates every
         step as it runs: do this when later minibatches may hold data outside a
         distribution's support.
+    :param sync_state: estimator state across the processes of a data-parallel run
+        (:mod:`storch_pyro.distributed`). By default (``None``) the step's state updates
+        are averaged over ``torch.distributed``'s default process group whenever it is
+        initialized (one collective per step, which every process enters at every
+        gradient step); ``False`` keeps the state per rank; a ``ProcessGroup`` synchronizes
+        over that group; ``True`` requires ``torch.distributed`` to be initialized.
 
     When ``max_plate_nesting`` is not given, the first call runs the program once more to
     guess it (as Pyro's ``TraceEnum_ELBO`` does), before the draw that is returned; pass
@@ -81,6 +88,7 @@ class StorchELBO(ELBO):
         vectorize_particles: bool = False,
         default_estimator: Optional[Estimator] = None,
         validate_every_step: bool = False,
+        sync_state: distributed.SyncState = None,
         **kwargs: Any,
     ) -> None:
         if default_estimator is not None and not isinstance(default_estimator, Estimator):
@@ -98,6 +106,8 @@ class StorchELBO(ELBO):
         self.validate_every_step = validate_every_step
         self._validated_structures: set = set()
         self._nesting_guessed = False
+        self.sync_state = sync_state
+        self._syncs: dict = {}
 
     # ---- public interface ------------------------------------------------------------------
     def loss(self, model: Callable, guide: Optional[Callable], *args: Any, **kwargs: Any) -> float:
@@ -144,9 +154,17 @@ class StorchELBO(ELBO):
     # ---- internals -------------------------------------------------------------------------
     def _commit(self, updates: estimator_state.StepUpdates) -> None:
         """Applies the step's estimator-state updates once, after the surrogate is built
-        (:mod:`storch_pyro.state`)."""
-        if updates:
-            estimator_state.commit(updates)
+        (:mod:`storch_pyro.state`): through one collective per step when synchronizing
+        (``sync_state``), entered even when this process recorded nothing."""
+        group = distributed.resolve(self.sync_state)
+        if group is False:
+            if updates:
+                estimator_state.commit(updates)
+            return
+        key = id(group)
+        if key not in self._syncs:
+            self._syncs[key] = distributed.StateSync(group)
+        estimator_state.commit(updates, all_reduce=self._syncs[key])
 
     def _total(self, runs) -> torch.Tensor:
         total = surrogate_loss(runs[0])

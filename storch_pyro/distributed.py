@@ -1,0 +1,137 @@
+"""Estimator state synchronized across the processes of a data-parallel run
+(``torch.distributed``: ``torchrun``, ``DistributedDataParallel``, Lightning's DDP strategy).
+
+:class:`~storch_pyro.StorchELBO` commits the state updates of a step once, after the
+surrogate is built (:mod:`storch_pyro.state`). With ``sync_state`` (by default whenever
+``torch.distributed`` is initialized) the commit goes through a :class:`StateSync`: **one**
+collective per step, ``all_gather_object`` of each process's ``{name: statistics}``, entered
+by every process at every step, even one that recorded nothing. Processes may record
+different names (different model structures, e.g. episodes of different lengths) without
+deadlocking, because the collective never depends on the names. Each name's statistics are
+then averaged over the processes that recorded it,
+
+.. math:: \\bar s = \\frac{1}{|R_s|} \\sum_{r \\in R_s} s_r,
+
+unweighted: each process's step statistic (already averaged over its own records of the
+step) counts once, whatever its batch size. Every process computes the same average from
+the same gathered values in rank order, and applies the update of every name (also those it
+did not record itself: the update rules are exchanged the first time a process records a
+name), so the state stays identical on every rank.
+
+Example::
+
+    torch.distributed.init_process_group("gloo")
+    elbo = StorchELBO()                      # synchronizes over the default group
+    elbo = StorchELBO(sync_state=False)      # per-rank state
+    elbo = StorchELBO(sync_state=group)      # another torch.distributed.ProcessGroup
+"""
+
+import pickle
+from typing import Any, Dict, List, Optional, Set, Union
+
+import torch
+import torch.distributed as dist
+
+from storch_pyro import state as estimator_state
+from storch_pyro.errors import StorchError
+from storch_pyro.param_state import param_store_state
+
+#: ``sync_state`` of :class:`~storch_pyro.StorchELBO`: ``None`` (synchronize over the default
+#: group when ``torch.distributed`` is initialized), ``True`` (the default group, required),
+#: ``False`` (per-rank state) or a ``ProcessGroup``.
+SyncState = Union[None, bool, Any]
+
+
+def is_distributed() -> bool:
+    """Whether ``torch.distributed`` is available and initialized."""
+    return dist.is_available() and dist.is_initialized()
+
+
+class StateSync:
+    """The ``all_reduce`` of :func:`storch_pyro.state.commit` for a process group: one
+    ``all_gather_object`` per call (see the module docstring).
+
+    :param group: a ``torch.distributed.ProcessGroup``; ``None`` for the default group.
+    """
+
+    def __init__(self, group: Optional[Any] = None) -> None:
+        self.group = group
+        self._announced: Set[str] = set()
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def __call__(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        if self.world_size == 1:
+            return stats
+        payload = {
+            "stats": {name: value.detach().cpu() for name, value in stats.items()},
+            "updates": self._new_updates(stats),
+        }
+        gathered: List[Optional[Dict[str, Any]]] = [None] * self.world_size
+        dist.all_gather_object(gathered, payload, group=self.group)
+        by_name: Dict[str, List[torch.Tensor]] = {}
+        for other in gathered:
+            assert other is not None
+            for name, update in other["updates"].items():
+                if name not in stats and estimator_state.known_update(name) is None:
+                    estimator_state.register_update(name, update)
+            for name, value in other["stats"].items():
+                by_name.setdefault(name, []).append(value)
+        return {name: self._average(name, values, stats.get(name))
+                for name, values in by_name.items()}
+
+    def _new_updates(self, stats: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+        """The update rules of names this process sends for the first time (those that
+        pickle: a rule that does not is applied only by processes that record it)."""
+        updates = {}
+        for name in stats:
+            if name in self._announced:
+                continue
+            self._announced.add(name)
+            update = estimator_state.known_update(name)
+            try:
+                pickle.dumps(update)
+            except Exception:
+                continue
+            updates[name] = update
+        return updates
+
+    @staticmethod
+    def _average(name: str, values: List[torch.Tensor],
+                 local: Optional[torch.Tensor]) -> torch.Tensor:
+        shapes = {tuple(v.shape) for v in values}
+        if len(shapes) > 1:
+            raise StorchError(
+                f"state '{name}': the processes recorded statistics of different shapes "
+                f"{sorted(shapes)}, which cannot be averaged (Pyro's decaying-average baseline "
+                f"keeps one value per batch element). Give every process the same batch size, "
+                f"use a baseline with scalar state (baselines.MovingAverage), or "
+                f"StorchELBO(sync_state=False) for per-rank state."
+            )
+        mean = values[0] if len(values) == 1 else torch.stack(
+            [v.to(torch.float64) for v in values]).mean(0).to(values[0].dtype)
+        if local is not None:
+            return mean.to(device=local.device, dtype=local.dtype)
+        existing = param_store_state(name)
+        return mean if existing is None else mean.to(existing.device)
+
+
+def resolve(sync_state: SyncState) -> Optional[Any]:
+    """The process group to synchronize over (``None`` meaning the default one), or
+    ``False`` when the state stays per-rank."""
+    if sync_state is False:
+        return False
+    if sync_state is None:
+        return None if is_distributed() else False
+    if not is_distributed():
+        raise StorchError(
+            "StorchELBO(sync_state=...): torch.distributed is not initialized; call "
+            "torch.distributed.init_process_group (torchrun does not do it for you) before the "
+            "first step, or leave sync_state at its default to synchronize only when it is."
+        )
+    return None if sync_state is True else sync_state
+
+
+__all__ = ["StateSync", "SyncState", "is_distributed", "resolve"]
