@@ -118,6 +118,20 @@ class StateSync:
         return mean if existing is None else mean.to(existing.device)
 
 
+def check_sync_state(sync_state: SyncState) -> None:
+    """Raises ``TypeError`` unless ``sync_state`` is ``None``, a bool or a
+    ``torch.distributed.ProcessGroup``."""
+    if sync_state is None or isinstance(sync_state, bool):
+        return
+    if dist.is_available() and isinstance(sync_state, dist.ProcessGroup):
+        return
+    raise TypeError(
+        f"StorchELBO: sync_state must be None (synchronize when torch.distributed is "
+        f"initialized), True, False or a torch.distributed.ProcessGroup, got "
+        f"{type(sync_state).__name__}"
+    )
+
+
 def resolve(sync_state: SyncState) -> Optional[Any]:
     """The process group to synchronize over (``None`` meaning the default one), or
     ``False`` when the state stays per-rank."""
@@ -134,4 +148,4 @@ def resolve(sync_state: SyncState) -> Optional[Any]:
     return None if sync_state is True else sync_state
 
 
-__all__ = ["StateSync", "SyncState", "is_distributed", "resolve"]
+__all__ = ["StateSync", "SyncState", "check_sync_state", "is_distributed", "resolve"]

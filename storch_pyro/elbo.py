@@ -96,6 +96,7 @@ class StorchELBO(ELBO):
                 "StorchELBO: default_estimator must be a storch_pyro Estimator, got "
                 f"{type(default_estimator).__name__}"
             )
+        distributed.check_sync_state(sync_state)
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,

@@ -98,3 +98,27 @@ def test_structures_that_differ_between_ranks_do_not_deadlock(ranks):
     assert len(first) == worker.STEPS + 2  # a0 .. a4: rank 1's longest episode
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.slow  # ~15 s: two more processes importing torch and Pyro
+def test_example_under_torchrun():
+    """examples/distributed_vae.py --smoke, launched by torchrun with 2 processes (gloo):
+    it trains, and asserts that the estimator state is the same on both ranks."""
+    pytest.importorskip("sklearn")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "examples/distributed_vae.py", "--smoke"]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log = proc.communicate(timeout=TIMEOUT)[0]
+    except subprocess.TimeoutExpired:
+        log = "timed out"
+    finally:
+        if proc.poll() is None:  # torchrun and its workers, as one process group
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    assert proc.returncode == 0, log[-3000:]
+    rows = [line for line in log.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 1 and "nan" not in rows[0], log[-3000:]
