@@ -135,6 +135,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="per rank")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-sync-state", action="store_true",
+                        help="per-rank estimator state (StorchELBO(sync_state=False))")
     parser.add_argument("--smoke", action="store_true", help="a few steps")
     args = parser.parse_args()
     steps = 5 if args.smoke else args.steps
@@ -145,7 +147,8 @@ def main() -> None:
     torch.manual_seed(args.seed)  # the same initial parameters on every rank
     train, test = load_digits(device)
     model, guide = Model(len(train)).to(device), Guide(len(train), args.estimator).to(device)
-    loss_fn = storch.StorchELBO(max_plate_nesting=1)(model, guide)
+    sync_state = False if args.no_sync_state else None  # None: whenever distributed
+    loss_fn = storch.StorchELBO(max_plate_nesting=1, sync_state=sync_state)(model, guide)
     module = DistributedDataParallel(loss_fn) if world > 1 else loss_fn
     optimizer = torch.optim.Adam(module.parameters(), lr=args.lr)
     # Different draws and batches per rank: each rank's batch is its shard of a shared
@@ -173,7 +176,7 @@ def main() -> None:
 
     state = {name: float(value.detach().sum()) for name, value in
              pyro.get_param_store().items() if name.startswith("storch_pyro.")}
-    if world > 1:  # the estimator state is the same on every rank
+    if world > 1 and not args.no_sync_state:  # the estimator state is the same everywhere
         states = [None] * world
         tdist.all_gather_object(states, state)
         assert all(other == state for other in states), states

@@ -3,12 +3,13 @@
 
 :class:`~storch_pyro.StorchELBO` commits the state updates of a step once, after the
 surrogate is built (:mod:`storch_pyro.state`). With ``sync_state`` (by default whenever
-``torch.distributed`` is initialized) the commit goes through a :class:`StateSync`: **one**
-collective per step, ``all_gather_object`` of each process's ``{name: statistics}``, entered
-by every process at every step, even one that recorded nothing. Processes may record
-different names (different model structures, e.g. episodes of different lengths) without
-deadlocking, because the collective never depends on the names. Each name's statistics are
-then averaged over the processes that recorded it,
+``torch.distributed`` is initialized) the commit goes through a :class:`StateSync`: one
+small ``all_reduce`` per step once the state names are known (one ``all_gather_object``
+more on a step where a process records a new name), entered by every process at every
+step, even one that recorded nothing. Processes may record different names (different model
+structures, e.g. episodes of different lengths) without deadlocking, because the
+collectives never depend on the names a process recorded. Each name's statistics are
+averaged over the processes that recorded it,
 
 .. math:: \\bar s = \\frac{1}{|R_s|} \\sum_{r \\in R_s} s_r,
 
@@ -48,15 +49,34 @@ def is_distributed() -> bool:
 
 
 class StateSync:
-    """The ``all_reduce`` of :func:`storch_pyro.state.commit` for a process group: one
-    ``all_gather_object`` per call (see the module docstring).
+    """The ``all_reduce`` of :func:`storch_pyro.state.commit` for a process group (see the
+    module docstring).
+
+    **Protocol.** The processes keep the same list of the state names seen so far (with
+    their shapes). Each step, every process enters one ``all_reduce`` (sum) of a float64
+    buffer laid out by that list: a flag, then per name a count (1 if this process recorded
+    it) and its statistics (zeros if not). A name's average is its summed statistics over
+    its summed count. A process that recorded a name not in the list (or of another shape)
+    sets the flag, and then every process, seeing it, also enters one
+    ``all_gather_object`` of ``{name: statistics}`` and of the update rules not sent before;
+    the list grows by the new names. So a step costs one small ``all_reduce`` once the names
+    are known, two collectives the first time a name appears, and the collectives never
+    depend on what a process recorded: no deadlock whatever the structures.
 
     :param group: a ``torch.distributed.ProcessGroup``; ``None`` for the default group.
+
+    Example (what :class:`~storch_pyro.StorchELBO` does by default under ``torchrun``)::
+
+        sync = StateSync()                       # the default process group
+        storch_pyro.state.commit(updates, all_reduce=sync)
     """
 
     def __init__(self, group: Optional[Any] = None) -> None:
         self.group = group
         self._announced: Set[str] = set()
+        self._names: List[str] = []  # the same on every process
+        self._shapes: Dict[str, torch.Size] = {}
+        self._dtypes: Dict[str, torch.dtype] = {}
 
     @property
     def world_size(self) -> int:
@@ -65,6 +85,46 @@ class StateSync:
     def __call__(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         if self.world_size == 1:
             return stats
+        buffer = self._pack(stats)
+        dist.all_reduce(buffer, group=self.group)
+        if float(buffer[0]) == 0.0:
+            return self._unpack(buffer, stats)
+        return self._gather(stats)
+
+    # ---- the steady state: one all_reduce --------------------------------------------------
+    def _device(self) -> torch.device:
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _pack(self, stats: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[flag, counts..., statistics...]`` in the order of the known names."""
+        new = any(name not in self._shapes or value.shape != self._shapes[name]
+                  for name, value in stats.items())
+        counts = [torch.full((1,), float(new), dtype=torch.float64, device=self._device())]
+        values = []
+        for name in self._names:
+            value = stats.get(name)
+            known = value is not None and value.shape == self._shapes[name]
+            counts.append(counts[0].new_full((1,), 1.0 if known else 0.0))
+            values.append(value.detach().reshape(-1).to(counts[0]) if known else
+                          counts[0].new_zeros(self._shapes[name].numel()))
+        return torch.cat(counts + values)
+
+    def _unpack(self, buffer: torch.Tensor,
+                stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        n = len(self._names)
+        counts, offset, out = buffer[1:1 + n].tolist(), 1 + n, {}
+        for name, count in zip(self._names, counts):
+            shape = self._shapes[name]
+            if count > 0:
+                mean = (buffer[offset:offset + shape.numel()] / count).reshape(shape)
+                out[name] = self._place(name, mean, stats.get(name))
+            offset += shape.numel()
+        return out
+
+    # ---- a step with new names: one all_gather_object more -----------------------------
+    def _gather(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         payload = {
             "stats": {name: value.detach().cpu() for name, value in stats.items()},
             "updates": self._new_updates(stats),
@@ -79,8 +139,24 @@ class StateSync:
                     estimator_state.register_update(name, update)
             for name, value in other["stats"].items():
                 by_name.setdefault(name, []).append(value)
-        return {name: self._average(name, values, stats.get(name))
-                for name, values in by_name.items()}
+        out = {}
+        for name, values in by_name.items():
+            mean = self._average(name, values, None)
+            if name not in self._shapes:
+                self._names.append(name)
+            self._shapes[name], self._dtypes[name] = mean.shape, mean.dtype
+            out[name] = self._place(name, mean, stats.get(name))
+        return out
+
+    def _place(self, name: str, mean: torch.Tensor,
+               local: Optional[torch.Tensor]) -> torch.Tensor:
+        """``mean`` on the device and dtype of this process's statistics, or of the stored
+        state where it recorded none."""
+        if local is not None:
+            return mean.to(device=local.device, dtype=local.dtype)
+        existing = param_store_state(name)
+        dtype = self._dtypes.get(name, mean.dtype)
+        return mean.to(dtype) if existing is None else mean.to(existing.device, dtype)
 
     def _new_updates(self, stats: Dict[str, torch.Tensor]) -> Dict[str, Any]:
         """The update rules of names this process sends for the first time (those that
@@ -112,10 +188,7 @@ class StateSync:
             )
         mean = values[0] if len(values) == 1 else torch.stack(
             [v.to(torch.float64) for v in values]).mean(0).to(values[0].dtype)
-        if local is not None:
-            return mean.to(device=local.device, dtype=local.dtype)
-        existing = param_store_state(name)
-        return mean if existing is None else mean.to(existing.device)
+        return mean if local is None else mean.to(device=local.device, dtype=local.dtype)
 
 
 def check_sync_state(sync_state: SyncState) -> None:

@@ -66,8 +66,9 @@ class StorchELBO(ELBO):
     :param sync_state: estimator state across the processes of a data-parallel run
         (:mod:`storch_pyro.distributed`). By default (``None``) the step's state updates
         are averaged over ``torch.distributed``'s default process group whenever it is
-        initialized (one collective per step, which every process enters at every
-        gradient step); ``False`` keeps the state per rank; a ``ProcessGroup`` synchronizes
+        initialized (one small ``all_reduce`` per step, one ``all_gather_object`` more on
+        a step that records a new state name; every process must take every gradient
+        step, as under DDP); ``False`` keeps the state per rank; a ``ProcessGroup`` synchronizes
         over that group; ``True`` requires ``torch.distributed`` to be initialized.
 
     When ``max_plate_nesting`` is not given, the first call runs the program once more to
@@ -155,8 +156,9 @@ class StorchELBO(ELBO):
     # ---- internals -------------------------------------------------------------------------
     def _commit(self, updates: estimator_state.StepUpdates) -> None:
         """Applies the step's estimator-state updates once, after the surrogate is built
-        (:mod:`storch_pyro.state`): through one collective per step when synchronizing
-        (``sync_state``), entered even when this process recorded nothing."""
+        (:mod:`storch_pyro.state`): through :class:`~storch_pyro.distributed.StateSync`
+        when synchronizing (``sync_state``), entered even when this process recorded
+        nothing."""
         group = distributed.resolve(self.sync_state)
         if group is False:
             if updates:

@@ -165,11 +165,24 @@ def free_draws(rank: int, world: int) -> Dict[str, torch.Tensor]:
 
     elbo = storch.StorchELBO(max_plate_nesting=1)
     per_rank = storch.StorchELBO(max_plate_nesting=1, sync_state=False)  # the control
-    for _ in range(STEPS):
-        elbo.differentiable_loss(model, None).backward()
-        per_rank.differentiable_loss(unsynchronized, None).backward()
+    gathers = []
+    all_gather_object = tdist.all_gather_object
+
+    def counted(*args, **kwargs):
+        gathers.append(1)
+        return all_gather_object(*args, **kwargs)
+
+    tdist.all_gather_object = counted
+    try:
+        for _ in range(STEPS):
+            elbo.differentiable_loss(model, None).backward()
+            per_rank.differentiable_loss(unsynchronized, None).backward()
+    finally:
+        tdist.all_gather_object = all_gather_object
     store = pyro.get_param_store()
-    return {f"store:{k}": store[k].detach().clone() for k in store.keys()}
+    result = {f"store:{k}": store[k].detach().clone() for k in store.keys()}
+    result["gathers"] = torch.tensor(len(gathers))
+    return result
 
 
 def episodes(rank: int, world: int) -> Dict[str, torch.Tensor]:

@@ -85,6 +85,8 @@ def test_free_draws_state_identical_on_every_rank(ranks):
     for name in synchronized:
         assert torch.equal(first[name], second[name]), name
     assert float(first["store:tau.step"]) == worker.STEPS
+    # names known after the first step: later steps take the one-all_reduce path
+    assert int(first["gathers"]) == int(second["gathers"]) == 1
     control = "store:storch_pyro.baseline.w.moving_average"
     assert not torch.equal(first[control], second[control])
 
