@@ -28,7 +28,7 @@ Example::
 """
 
 import pickle
-from typing import Any, Dict, List, Optional, Set, Union
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,8 @@ import torch.distributed as dist
 from storch_pyro import state as estimator_state
 from storch_pyro.errors import StorchError
 from storch_pyro.param_state import param_store_state
+
+_STATS, _GRADIENTS = "state:", "gradient:"  # the two kinds of keys exchanged
 
 #: ``sync_state`` of :class:`~storch_pyro.StorchELBO`: ``None`` (synchronize over the default
 #: group when ``torch.distributed`` is initialized), ``True`` (the default group, required),
@@ -83,13 +85,27 @@ class StateSync:
         return dist.get_world_size(self.group)
 
     def __call__(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return self.exchange(stats, {})[0]
+
+    def exchange(
+        self, stats: Dict[str, torch.Tensor], gradients: Dict[str, torch.Tensor]
+    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """``stats`` averaged over the processes that recorded each name, and
+        ``gradients`` (by param-store name) averaged over all processes (a process without
+        a name counting as zero, as DDP counts an unused parameter): in the same
+        collectives."""
         if self.world_size == 1:
-            return stats
-        buffer = self._pack(stats)
+            return stats, gradients
+        entries = {**{_STATS + k: v for k, v in stats.items()},
+                   **{_GRADIENTS + k: v for k, v in gradients.items()}}
+        buffer = self._pack(entries)
         dist.all_reduce(buffer, group=self.group)
         if float(buffer[0]) == 0.0:
-            return self._unpack(buffer, stats)
-        return self._gather(stats)
+            out = self._unpack(buffer, entries)
+        else:
+            out = self._gather(entries, stats)
+        return ({k[len(_STATS):]: v for k, v in out.items() if k.startswith(_STATS)},
+                {k[len(_GRADIENTS):]: v for k, v in out.items() if k.startswith(_GRADIENTS)})
 
     # ---- the steady state: one all_reduce --------------------------------------------------
     def _device(self) -> torch.device:
@@ -97,65 +113,71 @@ class StateSync:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def _pack(self, stats: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[flag, counts..., statistics...]`` in the order of the known names."""
-        new = any(name not in self._shapes or value.shape != self._shapes[name]
-                  for name, value in stats.items())
+    def _pack(self, entries: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[flag, counts..., values...]`` in the order of the known keys."""
+        new = any(key not in self._shapes or value.shape != self._shapes[key]
+                  for key, value in entries.items())
         counts = [torch.full((1,), float(new), dtype=torch.float64, device=self._device())]
         values = []
-        for name in self._names:
-            value = stats.get(name)
-            known = value is not None and value.shape == self._shapes[name]
+        for key in self._names:
+            value = entries.get(key)
+            known = value is not None and value.shape == self._shapes[key]
             counts.append(counts[0].new_full((1,), 1.0 if known else 0.0))
             values.append(value.detach().reshape(-1).to(counts[0]) if known else
-                          counts[0].new_zeros(self._shapes[name].numel()))
+                          counts[0].new_zeros(self._shapes[key].numel()))
         return torch.cat(counts + values)
 
     def _unpack(self, buffer: torch.Tensor,
-                stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+                entries: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         n = len(self._names)
         counts, offset, out = buffer[1:1 + n].tolist(), 1 + n, {}
-        for name, count in zip(self._names, counts):
-            shape = self._shapes[name]
+        for key, count in zip(self._names, counts):
+            shape = self._shapes[key]
             if count > 0:
-                mean = (buffer[offset:offset + shape.numel()] / count).reshape(shape)
-                out[name] = self._place(name, mean, stats.get(name))
+                total = buffer[offset:offset + shape.numel()].reshape(shape)
+                divisor = self.world_size if key.startswith(_GRADIENTS) else count
+                out[key] = self._place(key, total / divisor, entries.get(key))
             offset += shape.numel()
         return out
 
-    # ---- a step with new names: one all_gather_object more -----------------------------
-    def _gather(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    # ---- a step with new keys: one all_gather_object more ------------------------------
+    def _gather(self, entries: Dict[str, torch.Tensor],
+                stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         payload = {
-            "stats": {name: value.detach().cpu() for name, value in stats.items()},
+            "entries": {key: value.detach().cpu() for key, value in entries.items()},
             "updates": self._new_updates(stats),
         }
         gathered: List[Optional[Dict[str, Any]]] = [None] * self.world_size
         dist.all_gather_object(gathered, payload, group=self.group)
-        by_name: Dict[str, List[torch.Tensor]] = {}
+        by_key: Dict[str, List[torch.Tensor]] = {}
         for other in gathered:
             assert other is not None
             for name, update in other["updates"].items():
                 if name not in stats and estimator_state.known_update(name) is None:
                     estimator_state.register_update(name, update)
-            for name, value in other["stats"].items():
-                by_name.setdefault(name, []).append(value)
+            for key, value in other["entries"].items():
+                by_key.setdefault(key, []).append(value)
         out = {}
-        for name, values in by_name.items():
-            mean = self._average(name, values, None)
-            if name not in self._shapes:
-                self._names.append(name)
-            self._shapes[name], self._dtypes[name] = mean.shape, mean.dtype
-            out[name] = self._place(name, mean, stats.get(name))
+        for key, values in by_key.items():
+            if key.startswith(_GRADIENTS):
+                mean = self._average(key[len(_GRADIENTS):], values, None)
+                mean = mean * (len(values) / self.world_size)
+            else:
+                mean = self._average(key[len(_STATS):], values, None)
+            if key not in self._shapes:
+                self._names.append(key)
+            self._shapes[key], self._dtypes[key] = mean.shape, mean.dtype
+            out[key] = self._place(key, mean, entries.get(key))
         return out
 
-    def _place(self, name: str, mean: torch.Tensor,
+    def _place(self, key: str, mean: torch.Tensor,
                local: Optional[torch.Tensor]) -> torch.Tensor:
-        """``mean`` on the device and dtype of this process's statistics, or of the stored
-        state where it recorded none."""
+        """``mean`` on the device and dtype of this process's value, or of the stored state
+        where it has none."""
         if local is not None:
             return mean.to(device=local.device, dtype=local.dtype)
-        existing = param_store_state(name)
-        dtype = self._dtypes.get(name, mean.dtype)
+        dtype = self._dtypes.get(key, mean.dtype)
+        existing = param_store_state(key.split(":", 1)[1])
         return mean.to(dtype) if existing is None else mean.to(existing.device, dtype)
 
     def _new_updates(self, stats: Dict[str, torch.Tensor]) -> Dict[str, Any]:

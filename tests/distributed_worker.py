@@ -32,7 +32,10 @@ B = 4  # global batch
 STEPS = 3
 LR = 0.1
 K = 3  # samples per site for RLOO
-CASES = ("score_function_moving_average", "rloo", "learned", "disarm", "relax")
+CASES = ("score_function_moving_average", "rloo", "learned", "disarm", "relax",
+         "relax_outside_ddp", "rebar")
+#: Estimators drawing their own noise: the sequential model, seeded per data point.
+SEQUENTIAL = ("disarm", "relax", "relax_outside_ddp", "rebar")
 
 
 def data():
@@ -95,6 +98,10 @@ class Objective(torch.nn.Module):
         elif case == "relax":
             self.control_variate = ControlVariate()
             self.estimator = estimators.RELAX(self.control_variate, name="cv")
+        elif case == "relax_outside_ddp":  # in Pyro's param store only: not a submodule
+            self.estimator = estimators.RELAX(ControlVariate(), name="cv")
+        elif case == "rebar":  # eta, temperature: pyro.param per site
+            self.estimator = estimators.REBAR()
         else:
             raise ValueError(case)
 
@@ -113,7 +120,7 @@ class Objective(torch.nn.Module):
             storch.add_cost(f"cost{first + i}", (z - y[i]) ** 2 * (1.0 + x[i, 0] ** 2))
 
     def forward(self, x, y, draws, first):
-        if self.case in ("disarm", "relax"):
+        if self.case in SEQUENTIAL:
             return self.elbo.differentiable_loss(self.sequential, None, x, y, draws, first)
         return self.elbo.differentiable_loss(self.vectorized, None, x, y, draws, first)
 
@@ -125,16 +132,21 @@ def train(case: str, rank: int, world: int) -> Dict[str, torch.Tensor]:
     torch.manual_seed(0)
     objective = Objective(case)
     module = DistributedDataParallel(objective) if world > 1 else objective
-    optimizer = torch.optim.SGD(module.parameters(), lr=LR * world)
+    optimizer = None
     x, y, noise = data()
     b = B // world
     first = rank * b
     local = slice(first, first + b)
     for step in range(STEPS):
-        draws = step if case in ("disarm", "relax") else noise[step][:, local]
-        optimizer.zero_grad()
+        draws = step if case in SEQUENTIAL else noise[step][:, local]
+        if optimizer is not None:
+            optimizer.zero_grad()
         loss = module(x[local], y[local], draws, first)
         loss.backward()
+        if optimizer is None:  # the module's parameters and those in Pyro's param store
+            params = {id(p): p for p in objective.parameters()}
+            params.update((id(p), p) for p in pyro.get_param_store()._params.values())
+            optimizer = torch.optim.SGD(list(params.values()), lr=LR * world)
         optimizer.step()
     result = {f"param:{k}": v.detach().clone() for k, v in objective.state_dict().items()}
     store = pyro.get_param_store()

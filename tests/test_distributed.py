@@ -61,15 +61,20 @@ def ranks(tmp_path_factory):
 
 @pytest.mark.parametrize("case", worker.CASES)
 def test_two_processes_equal_one_on_the_global_batch(ranks, case):
-    """ScoreFunction + MovingAverage, RLOO, Learned (baseline network under DDP), DisARM
-    and RELAX (control-variate network under DDP, trained on the variance gradient): the
-    parameters and the estimator state after the steps equal a single process's."""
+    """ScoreFunction + MovingAverage, RLOO, Learned (baseline network under DDP), DisARM,
+    RELAX (control-variate network in the param store and under DDP; or in the param store
+    only, outside DDP) and REBAR (eta and temperature: pyro.params, outside DDP), the
+    control variates trained on the variance gradient: the parameters and the estimator
+    state after the steps equal a single process's."""
     reference = worker.train(case, rank=0, world=1)
     for result in ranks:
         got = result[case]
-        assert set(got) == set(reference)
-        for name, value in reference.items():
-            assert torch.allclose(got[name], value, atol=1e-6, rtol=0), name
+        if case == "rebar":  # a site's eta and temperature exist where the site is drawn
+            assert set(got) < set(reference)
+        else:
+            assert set(got) == set(reference)
+        for name, value in got.items():
+            assert torch.allclose(value, reference[name], atol=1e-6, rtol=0), name
     # the runs trained something: the reference moved away from the initial parameters
     torch.manual_seed(0)
     initial = worker.Objective(case).state_dict()
