@@ -46,7 +46,12 @@ SyncState = Union[None, bool, Any]
 
 
 def is_distributed() -> bool:
-    """Whether ``torch.distributed`` is available and initialized."""
+    """Whether ``torch.distributed`` is available and initialized.
+
+    Example::
+
+        rank = torch.distributed.get_rank() if is_distributed() else 0
+    """
     return dist.is_available() and dist.is_initialized()
 
 

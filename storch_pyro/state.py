@@ -38,12 +38,22 @@ _KNOWN_UPDATES: Dict[str, Update] = {}
 
 
 def register_update(name: str, update: Update) -> None:
-    """Makes ``update`` the rule of state ``name`` (see :func:`known_update`)."""
+    """Makes ``update`` the rule of state ``name`` (see :func:`known_update`).
+
+    Example::
+
+        register_update("storch_pyro.estimator.z.step", add_one)
+    """
     _KNOWN_UPDATES[name] = update
 
 
 def known_update(name: str) -> Optional[Update]:
-    """The update rule last recorded (or registered) under ``name``, or ``None``."""
+    """The update rule last recorded (or registered) under ``name``, or ``None``.
+
+    Example::
+
+        update = known_update("storch_pyro.baseline.z.moving_average")  # MovingAverage.update
+    """
     return _KNOWN_UPDATES.get(name)
 
 
@@ -110,7 +120,12 @@ def recording() -> Iterator[StepUpdates]:
 
 def record(name: str, stats: torch.Tensor, update: Update) -> None:
     """Records a state update for the current step (nothing outside
-    :func:`recording`, e.g. when the loss is only evaluated)."""
+    :func:`recording`, e.g. when the loss is only evaluated).
+
+    Example (a step counter, as a GumbelSoftmax schedule keeps)::
+
+        record("storch_pyro.estimator.z.step", torch.ones(()), add_one)
+    """
     if _CURRENT:
         _CURRENT[-1].record(name, stats, update)
 
