@@ -23,6 +23,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.distributed as tdist
+from pyro.nn import PyroModule
 from torch.nn.parallel import DistributedDataParallel
 
 import storch_pyro as storch
@@ -33,9 +34,9 @@ STEPS = 3
 LR = 0.1
 K = 3  # samples per site for RLOO
 CASES = ("score_function_moving_average", "rloo", "learned", "disarm", "relax",
-         "relax_outside_ddp", "rebar")
+         "relax_outside_ddp", "rebar", "learned_pyromodule", "relax_pyromodule")
 #: Estimators drawing their own noise: the sequential model, seeded per data point.
-SEQUENTIAL = ("disarm", "relax", "relax_outside_ddp", "rebar")
+SEQUENTIAL = ("disarm", "relax", "relax_outside_ddp", "rebar", "relax_pyromodule")
 
 
 def data():
@@ -89,13 +90,13 @@ class Objective(torch.nn.Module):
         elif case == "rloo":
             self.estimator = estimators.ScoreFunction(
                 n_samples=K, baseline=baselines.LeaveOneOut())
-        elif case == "learned":
+        elif case in ("learned", "learned_pyromodule"):
             self.baseline = torch.nn.Sequential(torch.nn.Linear(3, 1), torch.nn.Flatten(0))
             self.estimator = estimators.ScoreFunction(baseline=baselines.Learned(
                 self.baseline, input_fn=lambda x, *rest: x, name="baseline"))
         elif case == "disarm":
             self.estimator = estimators.DisARM()
-        elif case == "relax":
+        elif case in ("relax", "relax_pyromodule"):
             self.control_variate = ControlVariate()
             self.estimator = estimators.RELAX(self.control_variate, name="cv")
         elif case == "relax_outside_ddp":  # in Pyro's param store only: not a submodule
@@ -125,12 +126,29 @@ class Objective(torch.nn.Module):
         return self.elbo.differentiable_loss(self.vectorized, None, x, y, draws, first)
 
 
+class PyroObjective(Objective, PyroModule):
+    """With ``module_local_params=True`` (Pyro's Lightning recipe): ``pyro.module`` inside
+    it keeps the networks out of the global param store, so only DDP averages their
+    gradients (the variance gradient included)."""
+
+
+def make_objective(case: str) -> Objective:
+    if case.endswith("_pyromodule"):
+        return PyroObjective(case)
+    return Objective(case)
+
+
 def train(case: str, rank: int, world: int) -> Dict[str, torch.Tensor]:
     """Trains ``case`` for STEPS steps on this rank's share of the batch; returns the
     parameters and the estimator state."""
+    with pyro.settings.context(module_local_params=case.endswith("_pyromodule")):
+        return _train(case, rank, world)
+
+
+def _train(case: str, rank: int, world: int) -> Dict[str, torch.Tensor]:
     pyro.clear_param_store()
     torch.manual_seed(0)
-    objective = Objective(case)
+    objective = make_objective(case)
     module = DistributedDataParallel(objective) if world > 1 else objective
     optimizer = None
     x, y, noise = data()

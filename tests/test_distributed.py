@@ -63,9 +63,10 @@ def ranks(tmp_path_factory):
 def test_two_processes_equal_one_on_the_global_batch(ranks, case):
     """ScoreFunction + MovingAverage, RLOO, Learned (baseline network under DDP), DisARM,
     RELAX (control-variate network in the param store and under DDP; or in the param store
-    only, outside DDP) and REBAR (eta and temperature: pyro.params, outside DDP), the
-    control variates trained on the variance gradient: the parameters and the estimator
-    state after the steps equal a single process's."""
+    only, outside DDP; or, in a PyroModule with module_local_params, under DDP only) and
+    REBAR (eta and temperature: pyro.params, outside DDP), the control variates trained on
+    the variance gradient: the parameters and the estimator state after the steps equal a
+    single process's."""
     reference = worker.train(case, rank=0, world=1)
     for result in ranks:
         got = result[case]
@@ -77,7 +78,7 @@ def test_two_processes_equal_one_on_the_global_batch(ranks, case):
             assert torch.allclose(value, reference[name], atol=1e-6, rtol=0), name
     # the runs trained something: the reference moved away from the initial parameters
     torch.manual_seed(0)
-    initial = worker.Objective(case).state_dict()
+    initial = worker.make_objective(case).state_dict()
     moved = max(float((reference[f"param:{k}"] - v).abs().max()) for k, v in initial.items())
     assert moved > 1e-3
 
