@@ -217,7 +217,8 @@ def free_draws(rank: int, world: int) -> Dict[str, torch.Tensor]:
 
 def episodes(rank: int, world: int) -> Dict[str, torch.Tensor]:
     """Episodes whose length differs between ranks and steps (one site per time step, a
-    moving average per site), and a step in which rank 1 records no state at all."""
+    moving average per site), and a step in which rank 1 records no state at all;
+    synchronized over a process group given as ``sync_state``."""
     pyro.clear_param_store()
     torch.manual_seed(200 + rank)
     logits = torch.zeros((), requires_grad=True)
@@ -232,7 +233,8 @@ def episodes(rank: int, world: int) -> Dict[str, torch.Tensor]:
         a = storch.sample("n", dist.Normal(logits, 1.0))
         storch.add_cost("c", a ** 2)
 
-    elbo = storch.StorchELBO(max_plate_nesting=0)
+    group = tdist.new_group(list(range(world)))  # sync_state=<a ProcessGroup>
+    elbo = storch.StorchELBO(max_plate_nesting=0, sync_state=group)
     for step in range(STEPS + 1):
         if rank == 1 and step == 1:
             loss = elbo.differentiable_loss(stateless, None)
