@@ -114,6 +114,13 @@ class StorchELBO(ELBO):
         self.sync_state = sync_state
         self._syncs: dict = {}
 
+    def __getstate__(self) -> dict:
+        # The synchronizers hold process groups, which do not pickle (Lightning's
+        # ddp_spawn, deepcopy): a copy makes its own on its first step.
+        state = self.__dict__.copy()
+        state["_syncs"] = {}
+        return state
+
     # ---- public interface ------------------------------------------------------------------
     def loss(self, model: Callable, guide: Optional[Callable], *args: Any, **kwargs: Any) -> float:
         """The Monte Carlo estimate of the objective (:math:`-\\mathrm{ELBO}`), as a float.
