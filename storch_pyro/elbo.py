@@ -2,7 +2,7 @@
 
 import math
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pyro
 import pyro.util
@@ -13,10 +13,12 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
+from storch_pyro import distributed
 from storch_pyro import state as estimator_state
 from storch_pyro.errors import NonFiniteCostError
 from storch_pyro.estimators.base import Estimator
 from storch_pyro.handlers.tracing import Run, StorchMessenger, resolve_site
+from storch_pyro.param_state import param_store_state
 from storch_pyro.sample_dims import (
     SampleDimChecks,
     example_sites,
@@ -24,10 +26,12 @@ from storch_pyro.sample_dims import (
     run_sites,
 )
 from storch_pyro.surrogate import (
+    VarianceGradient,
+    add_variance_correction,
     expected_cost,
     raise_if_not_finite,
     surrogate_loss,
-    with_variance_gradients,
+    variance_gradients,
 )
 from storch_pyro.validation import check_guide_supported, check_run
 
@@ -68,6 +72,13 @@ class StorchELBO(ELBO):
         estimate has the same distribution whatever the setting. ``True`` validates every
         step as it runs: do this when later minibatches may hold data outside a
         distribution's support.
+    :param sync_state: estimator state across the processes of a data-parallel run
+        (:mod:`storch_pyro.distributed`). By default (``None``) the step's state updates
+        are averaged over ``torch.distributed``'s default process group whenever it is
+        initialized (one small ``all_reduce`` per step, one ``all_gather_object`` more on
+        a step that records a new state name; every process must take every gradient
+        step, as under DDP); ``False`` keeps the state per rank; a ``ProcessGroup`` synchronizes
+        over that group; ``True`` requires ``torch.distributed`` to be initialized.
 
     When ``max_plate_nesting`` is not given, the first call runs the program once more to
     guess it (as Pyro's ``TraceEnum_ELBO`` does), before the draw that is returned; pass
@@ -87,6 +98,7 @@ class StorchELBO(ELBO):
         vectorize_particles: bool = False,
         default_estimator: Optional[Estimator] = None,
         validate_every_step: bool = False,
+        sync_state: distributed.SyncState = None,
         **kwargs: Any,
     ) -> None:
         if default_estimator is not None and not isinstance(default_estimator, Estimator):
@@ -94,6 +106,7 @@ class StorchELBO(ELBO):
                 "StorchELBO: default_estimator must be a storch_pyro Estimator, got "
                 f"{type(default_estimator).__name__}"
             )
+        distributed.check_sync_state(sync_state)
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -104,6 +117,15 @@ class StorchELBO(ELBO):
         self.validate_every_step = validate_every_step
         self._validated_structures: set = set()
         self._nesting_guessed = False
+        self.sync_state = sync_state
+        self._syncs: dict = {}
+
+    def __getstate__(self) -> dict:
+        # The synchronizers hold process groups, which do not pickle (Lightning's
+        # ddp_spawn, deepcopy): a copy makes its own on its first step.
+        state = self.__dict__.copy()
+        state["_syncs"] = {}
+        return state
 
     # ---- public interface ------------------------------------------------------------------
     def loss(self, model: Callable, guide: Optional[Callable], *args: Any, **kwargs: Any) -> float:
@@ -125,11 +147,10 @@ class StorchELBO(ELBO):
         RELAX, LAX): one optimizer over it trains everything."""
         with estimator_state.recording() as updates:
             runs, validated = self._validated_runs(model, guide, args, kwargs)
-            total = self._total(runs)
+            total, variance = self._surrogate(runs)
         if validated and not bool(torch.isfinite(total)):
             _raise_not_finite(runs)
-        self._commit(updates)
-        return total
+        return self._commit(updates, total, variance)
 
     def loss_and_grads(
         self, model: Callable, guide: Optional[Callable], *args: Any, **kwargs: Any
@@ -138,23 +159,66 @@ class StorchELBO(ELBO):
         value as a float."""
         with estimator_state.recording() as updates:
             runs, _ = self._validated_runs(model, guide, args, kwargs)
-            surrogate = self._total(runs)
+            surrogate, variance = self._surrogate(runs)
         value = surrogate.item()
         if not math.isfinite(value):
             _raise_not_finite(runs)
-        self._commit(updates)
+        surrogate = self._commit(updates, surrogate, variance)
         if surrogate.requires_grad:
             surrogate.backward(retain_graph=self.retain_graph)
         return value
 
     # ---- internals -------------------------------------------------------------------------
-    def _commit(self, updates: estimator_state.StepUpdates) -> None:
+    def _commit(
+        self,
+        updates: estimator_state.StepUpdates,
+        surrogate: torch.Tensor,
+        variance: List[VarianceGradient],
+    ) -> torch.Tensor:
         """Applies the step's estimator-state updates once, after the surrogate is built
-        (:mod:`storch_pyro.state`)."""
-        if updates:
-            estimator_state.commit(updates)
+        (:mod:`storch_pyro.state`), and returns the surrogate with the control variates'
+        variance gradients (:func:`~storch_pyro.surrogate.with_variance_gradients`).
 
-    def _total(self, runs) -> torch.Tensor:
+        When synchronizing (``sync_state``), both go through one
+        :class:`~storch_pyro.distributed.StateSync` exchange, entered even when this process
+        recorded nothing: the state statistics are averaged over the processes that
+        recorded them, and the variance gradients of control-variate parameters kept in
+        Pyro's param store over all processes (a process without the parameter counting
+        zero, as DDP would), so those parameters (REBAR's eta and temperature, networks
+        registered with ``pyro.module``) stay equal on every rank without DDP. Parameters
+        outside the param store (e.g. of a ``PyroModule`` with local params) are DDP's."""
+        group = distributed.resolve(self.sync_state)
+        if group is False:
+            if updates:
+                estimator_state.commit(updates)
+            return add_variance_correction(surrogate, variance) if variance else surrogate
+        key = id(group)
+        if key not in self._syncs:
+            self._syncs[key] = distributed.StateSync(group)
+        sync = self._syncs[key]
+        store = pyro.get_param_store()
+        names = [store.param_name(param) for param, _, _ in variance]
+        local = {name: grad for name, (_, _, grad) in zip(names, variance)
+                 if name is not None and grad is not None}
+        reduced: Dict[str, torch.Tensor] = {}
+
+        def all_reduce(stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+            stats, gradients = sync.exchange(stats, local)
+            reduced.update(gradients)
+            return stats
+
+        estimator_state.commit(updates, all_reduce=all_reduce)
+        terms = [(param, own, reduced.get(name, grad) if name is not None else grad)
+                 for name, (param, own, grad) in zip(names, variance)]
+        for name in set(reduced) - set(names):  # parameters only other processes used
+            param = param_store_state(name)
+            if param is not None and param.requires_grad:
+                terms.append((param, None, reduced[name]))
+        return add_variance_correction(surrogate, terms) if terms else surrogate
+
+    def _surrogate(self, runs) -> Tuple[torch.Tensor, List[VarianceGradient]]:
+        """The particles' mean surrogate, and the variance gradients of the control
+        variates it trains (:func:`~storch_pyro.surrogate.variance_gradients`)."""
         total = surrogate_loss(runs[0])
         for run in runs[1:]:
             total = total + surrogate_loss(run)
@@ -162,7 +226,7 @@ class StorchELBO(ELBO):
             total = total / self.num_particles
         tuned = [node for run in runs for node in run.nodes
                  if node.estimator.trains_control_variate]
-        return with_variance_gradients(total, tuned) if tuned else total
+        return total, (variance_gradients(total, tuned) if tuned else [])
 
     def _validated_runs(self, model, guide, args, kwargs):
         """Runs all particles and validates them (see ``validate_every_step``): inline on

@@ -31,6 +31,32 @@ Update = Callable[[Optional[torch.Tensor], torch.Tensor], torch.Tensor]
 AllReduce = Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
 
 
+#: The update rule last recorded under each name, in this process or (registered by a
+#: synchronizer, :mod:`storch_pyro.distributed`) in another: a process applies the updates of
+#: states that only other processes recorded in a step, so state stays equal on every rank.
+_KNOWN_UPDATES: Dict[str, Update] = {}
+
+
+def register_update(name: str, update: Update) -> None:
+    """Makes ``update`` the rule of state ``name`` (see :func:`known_update`).
+
+    Example::
+
+        register_update("storch_pyro.estimator.z.step", add_one)
+    """
+    _KNOWN_UPDATES[name] = update
+
+
+def known_update(name: str) -> Optional[Update]:
+    """The update rule last recorded (or registered) under ``name``, or ``None``.
+
+    Example::
+
+        update = known_update("storch_pyro.baseline.z.moving_average")  # MovingAverage.update
+    """
+    return _KNOWN_UPDATES.get(name)
+
+
 class StepUpdates:
     """The state updates recorded during one step, by state name."""
 
@@ -41,6 +67,7 @@ class StepUpdates:
     def record(self, name: str, stats: torch.Tensor, update: Update) -> None:
         self._stats.setdefault(name, []).append(stats.detach())
         self._updates[name] = update
+        register_update(name, update)
 
     def statistics(self) -> Dict[str, torch.Tensor]:
         """Each name's statistics, averaged over the records of the step."""
@@ -53,14 +80,23 @@ class StepUpdates:
         return bool(self._stats)
 
     def commit(self, all_reduce: Optional[AllReduce] = None) -> None:
-        """Applies each update once (see :func:`commit`)."""
+        """Applies each update once (see :func:`commit`). With ``all_reduce``, it is called
+        every step, even with no statistics (a collective must be entered by every
+        process), and may return names this process did not record: their updates are
+        applied with the rule recorded or registered under the name
+        (:func:`known_update`); names without a known rule are skipped."""
         stats = self.statistics()
-        if all_reduce is not None and stats:
+        if all_reduce is not None:
             stats = all_reduce(stats)
         with torch.no_grad():
             for name, value in stats.items():
+                update = self._updates.get(name) or known_update(name)
+                if update is None:
+                    continue
                 state = param_store_state(name)
-                new = self._updates[name](None if state is None else state.detach(), value)
+                if state is not None and value.device != state.device:
+                    value = value.to(state.device)
+                new = update(None if state is None else state.detach(), value)
                 if state is not None and state.shape == new.shape:
                     state.copy_(new)
                 else:
@@ -97,8 +133,8 @@ def record(name: str, stats: torch.Tensor, update: Update) -> None:
 def commit(updates: StepUpdates, all_reduce: Optional[AllReduce] = None) -> None:
     """Applies a step's updates once, after the surrogate is built: statistics recorded
     under one name are averaged, passed through ``all_reduce`` (where a distributed run
-    averages them across processes: one collective per step), and each state becomes
-    ``update(state, stats)``."""
+    averages them across processes: one collective per step, entered even when the step
+    recorded nothing), and each state becomes ``update(state, stats)``."""
     updates.commit(all_reduce)
 
 
@@ -108,4 +144,12 @@ def add_one(state: Optional[torch.Tensor], stats: torch.Tensor) -> torch.Tensor:
     return one if state is None else state + 1.0
 
 
-__all__: Tuple[str, ...] = ("StepUpdates", "recording", "record", "commit", "add_one")
+__all__: Tuple[str, ...] = (
+    "StepUpdates",
+    "recording",
+    "record",
+    "commit",
+    "add_one",
+    "register_update",
+    "known_update",
+)

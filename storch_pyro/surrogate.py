@@ -381,7 +381,20 @@ def with_variance_gradients(surrogate: torch.Tensor, nodes: List[Node]) -> torch
 
     The model and guide parameters keep the estimator's gradient, so one optimizer over
     ``differentiable_loss`` trains everything, and ``loss_and_grads`` is its backward.
-    Computing the term costs one double backward, done here (first order only)."""
+    Computing the term costs one double backward, done here (first order only). It is
+    :func:`variance_gradients` followed by :func:`add_variance_correction` (between which a
+    distributed run averages the variance gradients across processes)."""
+    return add_variance_correction(surrogate, variance_gradients(surrogate, nodes))
+
+
+#: ``(parameter, its gradient in the surrogate, its variance gradient)``, ``None`` where zero.
+VarianceGradient = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+def variance_gradients(surrogate: torch.Tensor, nodes: List[Node]) -> List[VarianceGradient]:
+    r"""For each control-variate parameter (leaf) of ``nodes``: its gradient in
+    ``surrogate`` and :math:`\partial_\phi \sum \hat g^2` (see
+    :func:`with_variance_gradients`)."""
     targets: Dict[int, torch.Tensor] = {}
     params: Dict[int, torch.Tensor] = {}
     for node in nodes:
@@ -389,7 +402,7 @@ def with_variance_gradients(surrogate: torch.Tensor, nodes: List[Node]) -> torch
         targets.update((id(t), t) for t in node_targets if t.requires_grad)
         params.update((id(p), p) for p in node_params if p.requires_grad)
     if not params or not surrogate.requires_grad:
-        return surrogate
+        return []
     leaves = list(params.values())
     own = torch.autograd.grad(surrogate, leaves, retain_graph=True, allow_unused=True)
     of_variance: List[Optional[torch.Tensor]] = [None] * len(leaves)
@@ -402,8 +415,16 @@ def with_variance_gradients(surrogate: torch.Tensor, nodes: List[Node]) -> torch
             of_variance = list(
                 torch.autograd.grad(variance, leaves, retain_graph=True, allow_unused=True)
             )
+    return list(zip(leaves, own, of_variance))
+
+
+def add_variance_correction(
+    surrogate: torch.Tensor, gradients: List[VarianceGradient]
+) -> torch.Tensor:
+    """``surrogate`` plus the zero-valued term that replaces each parameter's own gradient
+    by its variance gradient (see :func:`with_variance_gradients`)."""
     correction = None
-    for param, own_grad, variance_grad in zip(leaves, own, of_variance):
+    for param, own_grad, variance_grad in gradients:
         if own_grad is None and variance_grad is None:
             continue
         if own_grad is None:

@@ -417,6 +417,24 @@ def _pyro_model_guide_check():
     _elbo_step(model, guide)
 
 
+def _sync_state_type():
+    storch.StorchELBO(sync_state="gloo")
+
+
+def _sync_state_not_initialized():
+    def story():
+        storch.add_cost("c", storch.sample("z", dist.Normal(torch.zeros(()), 1.0)) ** 2)
+
+    storch.StorchELBO(sync_state=True, max_plate_nesting=0).differentiable_loss(story, None)
+
+
+def _sync_state_shapes():
+    from storch_pyro.distributed import StateSync
+
+    name = "__baseline_avg_downstream_cost_z"
+    StateSync._average(name, [torch.zeros(2), torch.zeros(3)], None)
+
+
 def _guide_messenger():
     from pyro.infer.autoguide import AutoNormalMessenger
 
@@ -460,6 +478,14 @@ ENTRIES = {
     ),
     "default-estimator-type": Entry(
         _default_estimator_type, TypeError, "default_estimator", "must be a storch_pyro Estimator"
+    ),
+    "sync-state-type": Entry(_sync_state_type, TypeError, "sync_state", "got str"),
+    "sync-state-not-initialized": Entry(
+        _sync_state_not_initialized, StorchError, "sync_state", "init_process_group"
+    ),
+    "sync-state-shapes": Entry(
+        _sync_state_shapes, StorchError, "'__baseline_avg_downstream_cost_z'",
+        "Give every process the same batch size"
     ),
     "leave-one-out-one-sample": Entry(
         _leave_one_out_one_sample, StorchError, "'z'", "with k >= 2"

@@ -13,8 +13,10 @@ EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.py") if not p.stem
 #: The extra packages (``pip install -e ".[examples]"``) and the PNGs of each example.
 NEEDS = {
     "discrete_vae": (["matplotlib"], ["elbo.png", "reconstructions.png", "samples.png"]),
+    "distributed_vae": (["sklearn"], []),
     "generative_story": (["matplotlib"], ["gradients.png"]),
     "hard_attention": (["matplotlib"], ["accuracy.png"]),
+    "lightning_vae": (["sklearn", "lightning"], []),
     "rl_cartpole": (["matplotlib", "gymnasium"], ["returns.png"]),
     "vi_continuous": (["matplotlib"], ["elbo.png"]),
 }
