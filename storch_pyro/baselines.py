@@ -25,6 +25,7 @@ or average trained under one loss continues under the other; StorchELBO uses
 :math:`b = -b^{\\text{pyro}}` internally.
 """
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -172,6 +173,55 @@ class LeaveOneOut(Baseline):
 
     def __repr__(self) -> str:
         return "LeaveOneOut()"
+
+
+class VIMCO(Baseline):
+    """VIMCO's per-sample leave-one-out baseline (Mnih & Rezende 2016, "Variational
+    inference for Monte Carlo objectives"), for the score-function sites of
+    :class:`~storch_pyro.IWELBO`, where it is the default.
+
+    With the K particles' log weights :math:`\\log w_k` and the bound
+    :math:`\\hat L = \\log \\frac1K \\sum_j w_j`, the learning signal of particle :math:`k`
+    is :math:`\\hat L - \\hat L_{-k}`, where :math:`w_k` is replaced by the geometric mean of
+    the others:
+
+    .. math:: \\hat L_{-k} = \\log \\frac1K \\Big(\\sum_{j \\ne k} w_j + \\hat w_{-k}\\Big),
+        \\qquad \\hat w_{-k} = \\exp\\Big(\\frac{1}{K-1}\\sum_{j\\ne k} \\log w_j\\Big).
+
+    :math:`\\hat L_{-k}` does not depend on :math:`z_k`, so the estimator stays unbiased
+    for the gradient of the K-sample bound. It is computed in log space in O(K) memory
+    (:func:`storch_pyro.iwelbo.vimco_log_baselines`). It is a baseline of the whole
+    multi-sample bound, not of one site's downstream cost, so it only works under
+    :class:`~storch_pyro.IWELBO`: :class:`~storch_pyro.StorchELBO` rejects it.
+
+    Example::
+
+        svi = SVI(model, guide, optim, loss=storch.IWELBO(num_particles=5))
+        with handlers.baseline(config={"z": baselines.VIMCO()}):  # the default anyway
+            svi.step(data)
+    """
+
+    def check(self, site: str, n_samples: int) -> None:
+        if not _UNDER_IWELBO.get():
+            raise StorchError(
+                f"site '{site}': baselines.VIMCO() is a baseline of the K-particle "
+                f"importance-weighted bound and needs storch_pyro.IWELBO(num_particles=K) as "
+                f"the loss. Use IWELBO, or under StorchELBO a per-site baseline such as "
+                f"ScoreFunction(n_samples=k, baseline=baselines.LeaveOneOut())."
+            )
+
+    def __call__(self, ctx: BaselineContext, downstream_cost: torch.Tensor) -> torch.Tensor:
+        self.check(ctx.site, ctx.n_samples)
+        raise StorchError(  # IWELBO computes the baseline itself and never calls this
+            f"site '{ctx.site}': baselines.VIMCO() is applied by IWELBO to the log weights."
+        )
+
+    def __repr__(self) -> str:
+        return "VIMCO()"
+
+
+#: True while :class:`~storch_pyro.IWELBO` runs a model and guide (VIMCO is usable there).
+_UNDER_IWELBO: ContextVar[bool] = ContextVar("storch_pyro_under_iwelbo", default=False)
 
 
 class Learned(Baseline):

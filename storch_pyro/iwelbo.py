@@ -1,0 +1,286 @@
+"""IWELBO: the K-particle importance-weighted bound (Burda, Grosse & Salakhutdinov 2016),
+with pathwise gradients at reparameterized guide sites (IWAE) and VIMCO's leave-one-out
+score-function gradients (Mnih & Rezende 2016) at the others."""
+
+import math
+from typing import Any, Callable, Optional, Set, Tuple
+
+import torch
+from pyro import poutine
+from pyro.infer.elbo import ELBO
+from pyro.infer.util import get_dependent_plate_dims, is_validation_enabled
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import Message
+from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.util import prune_subsample_sites
+from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
+
+from storch_pyro.baselines import _UNDER_IWELBO, VIMCO
+from storch_pyro.errors import StorchError
+from storch_pyro.estimators.base import Estimator
+from storch_pyro.estimators.pathwise import Pathwise
+from storch_pyro.estimators.score_function import ScoreFunction
+from storch_pyro.handlers.tracing import resolve_site
+
+
+def vimco_log_baselines(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """VIMCO's leave-one-out baselines :math:`\\hat L_{-k}` along ``dim`` (Mnih & Rezende
+    2016, eq. 9 with the geometric mean):
+
+    .. math:: \\hat L_{-k} = \\log \\frac1K \\Big(\\sum_{j \\ne k} w_j
+        + \\exp\\big(\\tfrac{1}{K-1}\\textstyle\\sum_{j\\ne k} \\log w_j\\big)\\Big).
+
+    Computed in log space in O(K) memory, without forming :math:`w_j`: the weights are
+    shifted by their maximum :math:`m`; for :math:`k` other than the argmax,
+    :math:`\\log\\sum_{j\\ne k} w_j = m + \\log(1 + \\sum_{j \\notin \\{k, \\arg\\max\\}}
+    e^{\\log w_j - m})`, whose argument is at least 1 (no cancellation); for the argmax it
+    is the log-sum-exp of the others. The sums :math:`\\sum_{j\\ne k}\\log w_j` come from
+    prefix and suffix sums (no subtraction of large numbers). Not differentiable (it is
+    used detached). Needs :math:`K \\ge 2`.
+
+    Example::
+
+        log_w = torch.tensor([-1000.0, -2.0, -3.0])
+        signal = log_w.logsumexp(0) - math.log(3) - vimco_log_baselines(log_w)
+    """
+    log_w = log_weights.detach()
+    dim = dim % log_w.dim()
+    k = log_w.size(dim)
+    if k < 2:
+        raise ValueError(f"vimco_log_baselines: needs at least 2 particles along dim {dim}")
+    top, argmax = log_w.max(dim, keepdim=True)
+    shifted = log_w - top  # <= 0
+    is_max = torch.zeros_like(log_w, dtype=torch.bool).scatter(dim, argmax, True)
+    rest = torch.logsumexp(shifted.masked_fill(is_max, -math.inf), dim, keepdim=True)
+    others_but_max = (rest.exp() - shifted.exp()).clamp(min=0.0)
+    log_others = torch.where(is_max, rest, torch.log1p(others_but_max))
+    # sum_{j != k} shifted_j from exclusive prefix and suffix sums (all terms <= 0)
+    prefix = shifted.cumsum(dim) - shifted
+    suffix = shifted.flip(dim).cumsum(dim).flip(dim) - shifted
+    log_geometric = (prefix + suffix) / (k - 1)
+    return top + torch.logaddexp(log_others, log_geometric) - math.log(k)
+
+
+class _SiteChoices(Messenger):
+    """Resolves each unobserved guide site's estimator (the precedence rules of
+    :func:`~storch_pyro.handlers.tracing.resolve_site`), checks that IWELBO can use it, draws
+    score-function sites without a gradient path, and records their names."""
+
+    def __init__(self, default_estimator: Optional[Estimator]) -> None:
+        super().__init__()
+        self.default_estimator = default_estimator
+        self.score_sites: Set[str] = set()
+
+    def _pyro_sample(self, msg: Message) -> None:
+        if (msg["is_observed"] or msg["done"] or msg["value"] is not None
+                or type(msg["fn"]) is _Subsample):
+            return
+        name, fn = msg["name"], msg["fn"]
+        estimator, baseline = resolve_site(msg, self.default_estimator)
+        if isinstance(estimator, Pathwise):
+            estimator.check(name, fn)
+        elif type(estimator) is ScoreFunction and estimator.n_samples == 1:
+            if baseline is not None and not isinstance(baseline, VIMCO):
+                raise StorchError(
+                    f"site '{name}': IWELBO uses VIMCO's leave-one-out baseline for "
+                    f"score-function sites, got {baseline!r}. Remove the baseline (VIMCO() is "
+                    f"the default) or use StorchELBO for {type(baseline).__name__}."
+                )
+            self.score_sites.add(name)
+            if fn.has_rsample:
+                msg["value"] = fn.sample()  # no gradient path: the score term carries it
+        else:
+            raise StorchError(
+                f"site '{name}': IWELBO supports Pathwise (reparameterizable sites: the IWAE "
+                f"gradient) and ScoreFunction() with one sample per particle (VIMCO's "
+                f"baseline), got {estimator!r}. Use one of these at '{name}' (the "
+                f"num_particles particles are the samples), or StorchELBO for "
+                f"{type(estimator).__name__}."
+            )
+
+    def _pyro_storch_cost(self, msg: Message) -> None:
+        raise StorchError(
+            f"add_cost('{msg['name']}'): IWELBO bounds log p(x) from the model's and guide's "
+            f"log-densities and takes no added costs. Use pyro.factor('{msg['name']}', -cost) "
+            f"to add a log-density term, or StorchELBO."
+        )
+
+
+class IWELBO(ELBO):
+    """The importance-weighted bound of Burda, Grosse & Salakhutdinov (2016, "Importance
+    weighted autoencoders") with K particles, as a loss for ``SVI``:
+
+    .. math:: \\mathcal L_K = \\mathbb E_{z_{1:K} \\sim q}\\Big[\\log \\frac1K
+        \\sum_{k=1}^K w_k\\Big], \\qquad w_k = \\frac{p(x, z_k)}{q(z_k)},
+
+    where :math:`\\log w_k` sums the log-densities of all model sites minus those of all guide
+    sites over plates (scaled by ``poutine.scale`` and subsampling, masked by
+    ``poutine.mask``, as Pyro's ``RenyiELBO`` does). Plates that every site shares (e.g. a
+    data plate around a VAE) stay independent: the bound is taken per element and summed,
+    as in ``RenyiELBO``. The loss is :math:`-\\mathcal L_K`; ``num_particles=K`` particles
+    are drawn in one vectorized pass on a particle plate left of all plates.
+
+    The gradient is, per guide site (estimators chosen as under
+    :class:`~storch_pyro.StorchELBO`: :func:`storch_pyro.sample`, handlers,
+    ``default_estimator``, else Pathwise where ``has_rsample``):
+
+    - :class:`~storch_pyro.estimators.Pathwise`: differentiated through the sample (IWAE);
+    - :class:`~storch_pyro.estimators.ScoreFunction` (one sample per particle): the score
+      term with VIMCO's leave-one-out baseline (:class:`~storch_pyro.baselines.VIMCO`,
+      Mnih & Rezende 2016), so the surrogate to minimize is
+
+      .. math:: S = -\\Big[\\hat L + \\sum_k \\bot(\\hat L - \\hat L_{-k})
+          \\sum_{s \\in \\text{score sites}} \\log q(z_{k,s})\\Big]
+          \\quad (\\text{score term of value } 0),
+
+      an unbiased estimate of :math:`-\\nabla \\mathcal L_K` (:func:`vimco_log_baselines`).
+
+    Other estimators and baselines raise a :class:`~storch_pyro.errors.StorchError` naming
+    the site (they estimate a different, per-site objective). Every latent model site must
+    be in the guide; :func:`~storch_pyro.add_cost` is not supported (use ``pyro.factor``).
+    Unlike ``RenyiELBO(alpha=0)``, which gives non-reparameterized guide sites no gradient,
+    discrete guides learn. Second derivatives are not supported.
+
+    :param int num_particles: K >= 2 (for K = 1 the bound is the ELBO: use StorchELBO).
+    :param int max_plate_nesting: bound on nested plates (guessed by a first run if not
+        given).
+    :param Estimator default_estimator: for sites without an estimator from the call or a
+        handler.
+
+    Example::
+
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=IWELBO(num_particles=5))
+        svi.step(data)
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 5,
+        max_plate_nesting: float = float("inf"),
+        default_estimator: Optional[Estimator] = None,
+        **kwargs: Any,
+    ) -> None:
+        if (not isinstance(num_particles, int) or isinstance(num_particles, bool)
+                or num_particles < 2):
+            raise ValueError(
+                f"IWELBO: num_particles must be an int >= 2, got {num_particles!r}; for one "
+                f"particle the bound is the ELBO: use StorchELBO"
+            )
+        if default_estimator is not None and not isinstance(default_estimator, Estimator):
+            raise TypeError(
+                "IWELBO: default_estimator must be a storch_pyro Estimator, got "
+                f"{type(default_estimator).__name__}"
+            )
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=True,
+            **kwargs,
+        )
+        self.default_estimator = default_estimator
+
+    # ---- public interface ------------------------------------------------------------------
+    @torch.no_grad()
+    def loss(self, model: Callable, guide: Optional[Callable], *args: Any, **kwargs: Any) -> float:
+        """The Monte Carlo estimate of :math:`-\\mathcal L_K`, as a float."""
+        bound, _ = self._bound_and_score(model, guide, args, kwargs)
+        return -float(bound.sum())
+
+    def differentiable_loss(
+        self, model: Callable, guide: Optional[Callable], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """The surrogate :math:`S`: its value estimates :math:`-\\mathcal L_K`, its gradient
+        is an unbiased estimate of :math:`-\\nabla \\mathcal L_K`."""
+        bound, score_term = self._bound_and_score(model, guide, args, kwargs)
+        return -(bound.sum() + score_term)
+
+    def loss_and_grads(
+        self, model: Callable, guide: Optional[Callable], *args: Any, **kwargs: Any
+    ) -> float:
+        """Backpropagates the surrogate (:meth:`differentiable_loss`) and returns its value."""
+        surrogate = self.differentiable_loss(model, guide, *args, **kwargs)
+        if surrogate.requires_grad:
+            surrogate.backward(retain_graph=self.retain_graph)
+        return surrogate.item()
+
+    # ---- internals -------------------------------------------------------------------------
+    def _bound_and_score(self, model, guide, args, kwargs) -> Tuple[torch.Tensor, Any]:
+        """:math:`\\hat L` per element of the shared plates, and the VIMCO score term (of
+        value zero; ``0.0`` without score-function sites)."""
+        if guide is None:
+            guide = _no_guide
+        ((model_trace, guide_trace, score_sites),) = self._get_traces(model, guide, args, kwargs)
+        nesting = int(self.max_plate_nesting)
+        sites = [site for trace in (model_trace, guide_trace)
+                 for site in trace.nodes.values() if site["type"] == "sample"]
+        sum_dims = get_dependent_plate_dims(sites)
+        log_w: Any = 0.0
+        score: Any = 0.0
+        for site in model_trace.nodes.values():
+            if site["type"] == "sample":
+                log_w = log_w + _sum_dims(site["log_prob"], sum_dims)
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample":
+                log_q = _sum_dims(site["log_prob"], sum_dims)
+                log_w = log_w - log_q
+                if name in score_sites:
+                    score = score + log_q
+        # the particle plate is at dim -nesting: make it dim 0
+        log_w = torch.as_tensor(log_w)
+        log_w = log_w.reshape((1,) * (nesting - log_w.dim()) + log_w.shape)
+        log_w = log_w.expand((self.num_particles,) + log_w.shape[1:])
+        bound = torch.logsumexp(log_w, 0) - math.log(self.num_particles)
+        if not isinstance(score, torch.Tensor) or not score.requires_grad:
+            return bound, 0.0
+        signal = bound.detach() - vimco_log_baselines(log_w, 0)
+        return bound, (signal * (score - score.detach())).sum()
+
+    def _get_trace(self, model, guide, args, kwargs):
+        """The guide's and model's traces with log-densities (one vectorized pass over the
+        particles), and the names of the guide's score-function sites."""
+        choices = _SiteChoices(self.default_estimator)
+        under_iwelbo = _UNDER_IWELBO.set(True)
+        try:
+            with choices:
+                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+                model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                    *args, **kwargs
+                )
+        finally:
+            _UNDER_IWELBO.reset(under_iwelbo)
+        for name, site in model_trace.nodes.items():
+            if (site["type"] == "sample" and not site["is_observed"]
+                    and type(site["fn"]) is not _Subsample and name not in guide_trace.nodes):
+                raise StorchError(
+                    f"site '{name}': IWELBO needs a guide that samples every latent site of "
+                    f"the model; '{name}' is latent in the model and absent from the guide. "
+                    f"Add it to the guide, or use StorchELBO (which also takes guide=None)."
+                )
+        validating = is_validation_enabled()
+        if validating:
+            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
+            check_if_enumerated(guide_trace)
+        guide_trace = prune_subsample_sites(guide_trace)
+        model_trace = prune_subsample_sites(model_trace)
+        model_trace.compute_log_prob()
+        guide_trace.compute_log_prob()
+        if validating:
+            for trace in (model_trace, guide_trace):
+                for site in trace.nodes.values():
+                    if site["type"] == "sample":
+                        check_site_shape(site, self.max_plate_nesting)
+        return model_trace, guide_trace, choices.score_sites
+
+
+def _sum_dims(log_prob: torch.Tensor, dims) -> torch.Tensor:
+    """Sums the (negative) ``dims`` that exist in ``log_prob``, keeping them (size 1), so that
+    every dim stays at its plate's position."""
+    dims = [d for d in dims if d >= -log_prob.dim()]
+    return log_prob.sum(dims, keepdim=True) if dims else log_prob
+
+
+def _no_guide(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+__all__ = ["IWELBO", "vimco_log_baselines"]
