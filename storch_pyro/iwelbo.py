@@ -159,9 +159,12 @@ class IWELBO(ELBO):
       term with VIMCO's leave-one-out baseline (:class:`~storch_pyro.baselines.VIMCO`,
       Mnih & Rezende 2016), so the surrogate to minimize is
 
-      .. math:: S = -\\Big[\\hat L + \\sum_k \\bot(\\hat L - \\hat L_{-k})
-          \\sum_{s \\in \\text{score sites}} \\log q(z_{k,s})\\Big]
-          \\quad (\\text{score term of value } 0),
+      .. math:: S = -\\Big[\\hat L\\, \\boxdot\\Big(\\sum_k l_k\\Big)
+          - \\sum_k \\big(\\boxdot(l_k) - 1\\big)\\, \\bot(\\hat L_{-k})\\Big],
+          \\qquad l_k = \\sum_{s \\in \\text{score sites}} \\log q(z_{k,s}),
+
+      of value :math:`-\\hat L` and gradient
+      :math:`-\\nabla\\hat L - \\sum_k (\\hat L - \\hat L_{-k}) \\nabla l_k`,
 
       an unbiased estimate of :math:`-\\nabla \\mathcal L_K` (:func:`vimco_signals`).
 
@@ -169,7 +172,8 @@ class IWELBO(ELBO):
     the site (they estimate a different, per-site objective). Every latent model site must
     be in the guide; :func:`~storch_pyro.add_cost` is not supported (use ``pyro.factor``).
     Unlike ``RenyiELBO(alpha=0)``, which gives non-reparameterized guide sites no gradient,
-    discrete guides learn. Second derivatives are not supported.
+    discrete guides learn. The surrogate has the Loaded-DiCE form (Farquhar et al. 2019),
+    so its derivatives of any order (``create_graph=True``) are unbiased too.
 
     :param int num_particles: K >= 2 (for K = 1 the bound is the ELBO: use StorchELBO).
     :param int max_plate_nesting: bound on nested plates (guessed by a first run if not
@@ -262,8 +266,20 @@ class IWELBO(ELBO):
         bound = torch.logsumexp(log_w, 0) - math.log(self.num_particles)
         if not isinstance(score, torch.Tensor) or not score.requires_grad:
             return bound, 0.0
+        # Loaded DiCE (Farquhar et al. 2019) with VIMCO's baselines b_k = L_{-k}:
+        #   L box(sum_k s_k) - sum_k (box(s_k) - 1) b_k,  box(x) = exp(x - x.detach()),
+        # rearranged so that the first derivative uses the precise signals L - b_k
+        # (vimco_signals) and no difference of large numbers; the extra terms have value
+        # and first derivative exactly zero and give the right higher derivatives.
+        score = score.reshape((1,) * (nesting - score.dim()) + score.shape).expand_as(log_w)
         signal = vimco_signals(log_w, 0)
-        return bound, (signal * (score - score.detach())).sum()
+        box_k = torch.exp(score - score.detach()) - 1.0
+        total = score.sum(0)
+        box_total = torch.exp(total - total.detach()) - 1.0
+        fixed = bound.detach()
+        term = ((signal * box_k).sum(0) + fixed * (box_total - box_k.sum(0))
+                + (bound - fixed) * box_total)
+        return bound, term.sum()
 
     def _get_trace(self, model, guide, args, kwargs):
         """The guide's and model's traces with log-densities (one vectorized pass over the
@@ -276,6 +292,10 @@ class IWELBO(ELBO):
                 model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
                     *args, **kwargs
                 )
+        except StorchError as error:
+            # poutine.trace re-raises with the trace's shapes appended: keep our message
+            cause = error.__cause__
+            raise (cause if isinstance(cause, StorchError) else error) from None
         finally:
             _UNDER_IWELBO.reset(under_iwelbo)
         for name, site in model_trace.nodes.items():
