@@ -402,6 +402,51 @@ def _measure_valued_higher_order():
     torch.autograd.grad(loss, [loc], create_graph=True)
 
 
+def _iwelbo_coin_model():
+    pyro.sample("z", dist.Bernoulli(0.5))
+    pyro.sample("x", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
+
+
+def _vimco_under_storch_elbo():
+    def model():
+        p = pyro.param("p", torch.tensor(0.3))
+        z = storch.sample(
+            "z", dist.Bernoulli(p), estimator=estimators.ScoreFunction(),
+            baseline=baselines.VIMCO(),
+        )
+        storch.add_cost("c", z)
+
+    _elbo_step(model)
+
+
+def _iwelbo_estimator():
+    def guide():
+        logits = pyro.param("logits", torch.tensor(0.0))
+        storch.sample("z", dist.Bernoulli(logits=logits), estimator=estimators.ARM())
+
+    storch.IWELBO(num_particles=3).loss_and_grads(_iwelbo_coin_model, guide)
+
+
+def _iwelbo_baseline():
+    def guide():
+        logits = pyro.param("logits", torch.tensor(0.0))
+        storch.sample("z", dist.Bernoulli(logits=logits), baseline=baselines.MovingAverage())
+
+    storch.IWELBO(num_particles=3).loss_and_grads(_iwelbo_coin_model, guide)
+
+
+def _iwelbo_add_cost():
+    def guide():
+        z = pyro.sample("z", dist.Bernoulli(logits=pyro.param("logits", torch.tensor(0.0))))
+        storch.add_cost("penalty", z)
+
+    storch.IWELBO(num_particles=3).loss_and_grads(_iwelbo_coin_model, guide)
+
+
+def _iwelbo_latent_not_in_guide():
+    storch.IWELBO(num_particles=3).loss_and_grads(_iwelbo_coin_model, None)
+
+
 def _constructor_argument():
     estimators.ScoreFunction(n_samples=0)
 
@@ -549,6 +594,21 @@ ENTRIES = {
     ),
     "measure-valued-higher-order": Entry(
         _measure_valued_higher_order, StorchError, "'z'", "Use ScoreFunction, Pathwise"
+    ),
+    "vimco-needs-iwelbo": Entry(
+        _vimco_under_storch_elbo, StorchError, "'z'", "needs storch_pyro.IWELBO(num_particles=K)"
+    ),
+    "iwelbo-estimator": Entry(
+        _iwelbo_estimator, StorchError, "'z'", "Use one of these at 'z'"
+    ),
+    "iwelbo-baseline": Entry(
+        _iwelbo_baseline, StorchError, "'z'", "Remove the baseline (VIMCO() is the default)"
+    ),
+    "iwelbo-add-cost": Entry(
+        _iwelbo_add_cost, StorchError, "'penalty'", "Use pyro.factor('penalty', -cost)"
+    ),
+    "iwelbo-latent-not-in-guide": Entry(
+        _iwelbo_latent_not_in_guide, StorchError, "'z'", "Add it to the guide"
     ),
     "constructor-argument": Entry(
         _constructor_argument, ValueError, "n_samples", "must be a positive int"
