@@ -28,6 +28,10 @@ from storch_pyro import baselines, estimators, handlers
 METHODS = ("vimco", "rloo", "renyi")
 
 
+def _se(values: torch.Tensor) -> float:
+    return float(values.std() / len(values) ** 0.5) if len(values) > 1 else float("nan")
+
+
 def train(method: str, k: int, steps: int, seed: int, lr: float, batch_size: int, dataset):
     pyro.clear_param_store()
     torch.manual_seed(seed)
@@ -79,9 +83,8 @@ def main(argv=None):
         bound_k = torch.tensor([r[0] for r in runs])
         bound_100 = torch.tensor([r[1] for r in runs])
         ms = 1000 * sum(r[2] for r in runs) / len(runs)
-        se = (lambda t: float(t.std() / len(t) ** 0.5) if len(t) > 1 else float("nan"))
-        print(f"{method:8s} {float(bound_k.mean()):14.2f} ± {se(bound_k):5.2f} "
-              f"{float(bound_100.mean()):14.2f} ± {se(bound_100):5.2f} {ms:7.1f}")
+        print(f"{method:8s} {float(bound_k.mean()):14.2f} ± {_se(bound_k):5.2f} "
+              f"{float(bound_100.mean()):14.2f} ± {_se(bound_100):5.2f} {ms:7.1f}")
 
 
 if __name__ == "__main__":

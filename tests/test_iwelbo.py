@@ -311,3 +311,74 @@ def test_second_derivative_unbiased_against_enumeration(k):
         -_exact_toy_bound(k, scalar_phi, scalar_theta), [scalar_phi], create_graph=True)
     exact = torch.stack(torch.autograd.grad(exact_phi, [scalar_phi, scalar_theta]))
     _assert_unbiased(draws, exact, "hessian")
+
+
+def _normal_bound_quadrature(loc, nodes):
+    """The K = 3 bound of the Normal toy below by 3-D Gauss-Hermite quadrature over the
+    guide's noise (z_k = loc + 0.9 eps_k), differentiable in ``loc``."""
+    points, weights = np.polynomial.hermite_e.hermegauss(nodes)
+    eps = torch.tensor(points)
+    weights = torch.tensor(weights) / math.sqrt(2 * math.pi)
+    grids = torch.meshgrid(eps, eps, eps, indexing="ij")
+    weight = weights[:, None, None] * weights[None, :, None] * weights[None, None, :]
+    log_ws = []
+    for e in grids:
+        z = loc + 0.9 * e
+        log_ws.append(dist.Normal(0.0, 1.0).log_prob(z)
+                      + dist.Normal(z, 1.0).log_prob(torch.tensor(0.3, dtype=torch.float64))
+                      - dist.Normal(loc, 0.9).log_prob(z))
+    return (weight * (torch.stack(log_ws).logsumexp(0) - math.log(3))).sum()
+
+
+def test_score_function_on_a_reparameterizable_site_unbiased():
+    """A Normal guide site given ScoreFunction (drawn without a gradient path, VIMCO) and the
+    same site pathwise (IWAE), K = 3, against 3-D Gauss-Hermite quadrature (30 and 36 nodes
+    agree to 1e-10). Power (measured, seed 5): n = 50000 draws give standard errors of
+    3.0e-3 (score function) and 4.1e-3 (pathwise) on a gradient of 0.158: a bias above
+    1.4e-2 / 1.8e-2 fails."""
+    pyro.set_rng_seed(5)
+    n = 50000
+
+    def gradients(estimator):
+        loc = torch.full((n,), 0.5, dtype=torch.float64, requires_grad=True)
+
+        def model():
+            with pyro.plate("draws", n):
+                z = pyro.sample("z", dist.Normal(torch.zeros(n, dtype=torch.float64), 1.0))
+                pyro.sample("x", dist.Normal(z, 1.0), obs=torch.full((n,), 0.3,
+                                                                     dtype=torch.float64))
+
+        def guide():
+            with pyro.plate("draws", n):
+                storch.sample("z", dist.Normal(loc, 0.9), estimator=estimator)
+
+        (grad,) = torch.autograd.grad(
+            storch.IWELBO(num_particles=3).differentiable_loss(model, guide), [loc])
+        return grad
+
+    loc = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    (exact,) = torch.autograd.grad(-_normal_bound_quadrature(loc, 36), [loc])
+    coarse = _normal_bound_quadrature(loc, 30) - _normal_bound_quadrature(loc, 36)
+    assert abs(float(coarse.detach())) < 1e-10
+    for estimator in (estimators.ScoreFunction(), estimators.Pathwise()):
+        draws = gradients(estimator)[:, None]
+        _assert_unbiased(draws, exact[None], repr(estimator))
+
+
+def test_value_equals_renyi_with_scale_mask_and_subsampling():
+    data = torch.tensor([0.3, -1.0, 2.0, 0.5, 1.5, -0.2])
+
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 6, subsample_size=3) as index, pyro.poutine.scale(scale=0.5):
+            with pyro.poutine.mask(mask=index % 2 == 0):
+                pyro.sample("x", dist.Normal(z, 1.0), obs=data[index])
+
+    def guide():
+        pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.2)), 0.7))
+
+    pyro.set_rng_seed(6)
+    ours = storch.IWELBO(num_particles=4).loss(model, guide)
+    pyro.set_rng_seed(6)
+    theirs = RenyiELBO(alpha=0, num_particles=4, vectorize_particles=True).loss(model, guide)
+    assert ours == pytest.approx(theirs, rel=1e-6)
