@@ -13,7 +13,12 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
+from pyro.util import (
+    check_if_enumerated,
+    check_model_guide_match,
+    check_site_shape,
+    warn_if_nan,
+)
 
 from storch_pyro.baselines import _UNDER_IWELBO, VIMCO
 from storch_pyro.errors import StorchError
@@ -218,7 +223,9 @@ class IWELBO(ELBO):
     def loss(self, model: Callable, guide: Optional[Callable], *args: Any, **kwargs: Any) -> float:
         """The Monte Carlo estimate of :math:`-\\mathcal L_K`, as a float."""
         bound, _ = self._bound_and_score(model, guide, args, kwargs)
-        return -float(bound.sum())
+        loss = -float(bound.sum())
+        warn_if_nan(loss, "loss")
+        return loss
 
     def differentiable_loss(
         self, model: Callable, guide: Optional[Callable], *args: Any, **kwargs: Any
@@ -235,7 +242,9 @@ class IWELBO(ELBO):
         surrogate = self.differentiable_loss(model, guide, *args, **kwargs)
         if surrogate.requires_grad:
             surrogate.backward(retain_graph=self.retain_graph)
-        return surrogate.item()
+        loss = surrogate.item()
+        warn_if_nan(loss, "loss")
+        return loss
 
     # ---- internals -------------------------------------------------------------------------
     def _bound_and_score(self, model, guide, args, kwargs) -> Tuple[torch.Tensor, Any]:
