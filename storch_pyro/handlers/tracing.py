@@ -63,6 +63,10 @@ class Node:
     #: With credit by data flow, the earlier nodes its distribution can depend on
     #: (:mod:`storch_pyro.data_flow`); ``None`` with credit by order (all earlier nodes).
     deps: Optional[FrozenSet[int]] = None
+    #: Where the site's own cost is ``sign * scale * mask * log q(z)`` of its sampling
+    #: distribution: the (detached) factor ``sign * scale * mask`` (see
+    #: :func:`~storch_pyro.surrogate.surrogate_loss`); ``None`` elsewhere.
+    direct: Optional[torch.Tensor] = None
 
 
 @dataclass(slots=True)
@@ -376,10 +380,17 @@ class StorchMessenger(Messenger):
                 score = None
                 if estimator.has_score:
                     score = estimator.score_term(fn, value, unmasked, state)
+                direct = None
+                if (type(estimator) is ScoreFunction and self.role != "scg" and not owned
+                        and density_value is value
+                        and not isinstance(run.frame_weights.get(own_frame), torch.Tensor)):
+                    sign = 1.0 if self.role == "guide" else -1.0
+                    direct = scale_and_mask(torch.full_like(log_prob, sign), msg["scale"],
+                                            msg["mask"]).detach()
                 run.nodes.append(
                     Node(name, score, run.on_frames(masked, ordinal), ordinal, seq,
                          len(run.nodes), estimator,
-                         baseline, fn, state, sample_dim, own_frame, weight, deps)
+                         baseline, fn, state, sample_dim, own_frame, weight, deps, direct)
                 )
                 if deps is not None:
                     deps = deps | {len(run.nodes) - 1}
