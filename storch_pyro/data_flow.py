@@ -170,7 +170,8 @@ class DataFlow:
 
 
 def _sequence_nr() -> int:
-    probe = torch.zeros((), requires_grad=True) * 1.0
+    with torch.enable_grad():
+        probe = torch.zeros((), requires_grad=True) * 1.0
     return probe.grad_fn._sequence_nr()
 
 
@@ -187,7 +188,8 @@ class _FlowProvenance(_Provenance):
         result = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         flow = self.flow
-        if not isinstance(result, (torch.Tensor, tuple, list)) or name == "tolist":
+        if (not isinstance(result, (torch.Tensor, tuple, list)) or name == "tolist"
+                or isinstance(result, torch.Size)):
             if name in _METADATA:
                 if name in _SHAPE_QUERIES and flow.shapes.entries:
                     self._escape(flow.shapes, args)
