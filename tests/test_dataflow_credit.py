@@ -152,9 +152,10 @@ def test_branch_cost_credited_through_control_flow():
 
 
 def test_branch_unbiased():
-    # exact gradient (0.198, -0.194); measured s.e. at n=3000 (0.0094, 0.0090): a bias of
-    # 0.042 on either coordinate (21%) would fail. Crediting x's cost to z0 only by data
-    # flow (the branch ignored) would be off by 0.14 on dphi0 (15 s.e.), asserted below.
+    # exact gradient (-0.053, -0.024); measured s.e. at n=3000 (0.016, 0.009): a bias of
+    # 0.072 on dphi0 or 0.040 on dphi1 would fail. Crediting x's cost to z0 by data flow
+    # only (the branch ignored) would estimate dphi0 = +0.108, off by 0.16 (10 s.e.):
+    # asserted below, so this test would catch a missed escape.
     params = _leaf(BRANCH_PARAMS)
     exact = flat_grad(-_branch_elbo(params), [params])
     blind = flat_grad(-_branch_elbo(params, branch_blind=True), [params])
@@ -164,8 +165,8 @@ def test_branch_unbiased():
         exact,
     )
     assert_unbiased(stats)
-    assert stats.std_error.max() < 0.011
-    assert (blind - exact).abs()[0] > 10 * stats.std_error[0]
+    assert stats.std_error.max() < 0.018
+    assert (blind - exact).abs()[0] > 8 * stats.std_error[0]
 
 
 # ==== a model cost that depends on a guide site only through indexing ======================
@@ -217,8 +218,10 @@ def test_index_cost_credited(how):
 
 @pytest.mark.parametrize("how", ["tensor", "python"])
 def test_index_unbiased(how):
-    # exact gradient (0.24, -0.04, -0.20, 0.10); measured s.e. at n=2500 <= 0.016: a bias of
-    # 0.07 on any coordinate (30% of the largest) would fail.
+    # exact gradient (0.233, -0.293, 0.060, 0.064); measured s.e. at n=2500 <= 0.023: a
+    # bias of 0.10 on any coordinate (a third of the largest) would fail. Leaving x's cost
+    # out of z's score (indexing not traced) would drop the whole log-likelihood part of
+    # dz, here 0.18 on dz1 (24 s.e.).
     params = _leaf(INDEX_PARAMS)
     exact = flat_grad(-_index_elbo(params), [params])
     elbo = storch.StorchELBO(credit="data_flow")
@@ -227,7 +230,7 @@ def test_index_unbiased(how):
         lambda: elbo.differentiable_loss(model, index_guide, params), [params], 2500, exact
     )
     assert_unbiased(stats)
-    assert stats.std_error.max() < 0.02
+    assert stats.std_error.max() < 0.025
 
 
 # ==== escapes, views, shapes, lost provenance ==============================================
