@@ -162,7 +162,8 @@ class DataFlow:
                 f"storch_pyro: credit by data flow could not trace what '{name}' depends on "
                 f"(a tensor made by an op outside torch's function dispatch, e.g. a C++ "
                 f"extension or torch._C.DisableTorchFunction, reaches it); it gets order-based "
-                f"credit (every earlier site), which is unbiased but noisier.",
+                f"credit (every earlier site), which is unbiased but noisier. Compute it with "
+                f"torch functions, or pass StorchELBO(credit='order') to silence this.",
                 RuntimeWarning,
                 stacklevel=2,
             )
