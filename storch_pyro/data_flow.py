@@ -52,10 +52,9 @@ _METADATA = frozenset(
     {
         "__get__", "size", "dim", "ndimension", "__len__", "numel", "nelement", "stride",
         "is_contiguous", "storage_offset", "element_size", "is_floating_point",
-        "is_complex", "get_device", "data_ptr", "__hash__", "__repr__", "is_nonzero_static",
-        "has_names", "is_shared", "is_pinned", "__reduce_ex__", "__deepcopy__",
+        "is_complex", "get_device", "__hash__", "has_names", "is_shared", "is_pinned",
         "requires_grad_", "retain_grad", "register_hook", "backward", "__dir__",
-        "__setstate__", "untyped_storage", "is_set_to", "type",
+        "is_set_to", "type",
     }
 )
 # Shape queries: escapes when the shape itself depends on values.

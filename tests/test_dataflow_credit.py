@@ -257,12 +257,13 @@ def _scg(body):
         lambda z: range(z.long()),
         lambda z: [0, 1][z.long()],
         lambda z: f"{z:.1f}",
+        lambda z: repr(z),
         lambda z: torch.equal(z, torch.ones(())),
         lambda z: z.reshape(1).nonzero().shape[0],
         lambda z: len(z.reshape(1)[z.reshape(1) > 0]),
     ],
     ids=["item", "bool", "int", "float", "tolist", "numpy", "range", "index", "format",
-         "equal", "nonzero-shape", "mask-len"],
+         "repr", "equal", "nonzero-shape", "mask-len"],
 )
 def test_escapes_make_later_costs_depend(escape):
     def body(z, y):
