@@ -188,8 +188,9 @@ class _FlowProvenance(_Provenance):
         result = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         flow = self.flow
-        if (not isinstance(result, (torch.Tensor, tuple, list)) or name == "tolist"
-                or isinstance(result, torch.Size)):
+        if (result is not None and not isinstance(result, (torch.Tensor, tuple, list))
+                or name == "tolist" or isinstance(result, torch.Size)):
+            # a Python value (None, from __setitem__ and the like, carries nothing)
             if name in _METADATA:
                 if name in _SHAPE_QUERIES and flow.shapes.entries:
                     self._escape(flow.shapes, args)

@@ -299,10 +299,15 @@ def test_in_place_write_into_a_view_carries_provenance():
         alias = earlier_view[1:]
         earlier_view.add_(y)  # the base is written; the alias sees it
         storch.add_cost("from_alias", alias.sum())
+        table = torch.zeros(2)
+        table[0] = z  # __setitem__: returns None, not an escape
+        storch.add_cost("from_setitem", table.sum())
 
     run = _trace(_scg(body), None)
     assert _deps(run, "from_buffer") == {"z"}
     assert _deps(run, "from_alias") == {"y"}
+    assert _deps(run, "from_setitem") == {"z"}
+    assert run.flow.control == frozenset()
 
 
 def test_lost_provenance_falls_back_to_order_with_a_warning():
