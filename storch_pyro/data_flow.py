@@ -239,12 +239,13 @@ class _FlowProvenance(_Provenance):
         return result
 
     def _escape(self, table: ProvenanceTable, args, kwargs=None) -> None:
+        get = self.flow._get if table is self.table else table.get  # values: views' bases too
         provenance = _EMPTY
         for tensor in _tensors(args):
-            provenance = provenance | table.get(tensor)
+            provenance = provenance | get(tensor)
         if kwargs:
             for tensor in _tensors(kwargs):
-                provenance = provenance | table.get(tensor)
+                provenance = provenance | get(tensor)
         provenance = frozenset(key for key in provenance if type(key) is not tuple)
         if provenance and not provenance <= self.flow.control and not _in_validation():
             self.flow.control = self.flow.control | provenance
