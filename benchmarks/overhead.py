@@ -8,6 +8,7 @@ likelihood is differentiated directly. Implementations, each with its own copy o
 networks (same initialization) and Adam (lr 1e-3):
 
 - ``storch``:      ``StorchELBO`` in ``SVI``, estimator chosen by ``handlers.estimator``;
+- ``storch (credit='data_flow')``: the same with ``StorchELBO(credit="data_flow")``;
 - the same, but ``StorchELBO().differentiable_loss`` with one ``torch.optim.Adam`` (no
   ``SVI``/``pyro.optim``): separates the loss's overhead from Pyro's optimizer wrapper;
 - ``hand-written``: plain PyTorch surrogate ``sum(log q(z) * (cost - b).detach() + cost)``;
@@ -160,6 +161,10 @@ def make_steps(device: str):
     return {
         "storch (StorchELBO)": make_pyro_step(
             "storch", storch.StorchELBO(), device, storch_config=storch_config
+        ),
+        "storch (StorchELBO, credit='data_flow')": make_pyro_step(
+            "storch_flow", storch.StorchELBO(credit="data_flow"), device,
+            storch_config=storch_config,
         ),
         "storch (differentiable_loss, torch Adam)": make_pyro_step(
             "storch_torch", storch.StorchELBO(), device, storch_config=storch_config,

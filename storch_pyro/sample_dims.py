@@ -165,9 +165,11 @@ class SampleDimChecks:
         checks.check()   # StorchError if e.g. add_cost("f", z.sum()) with n_samples=4
     """
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, table: Optional[ProvenanceTable] = None) -> None:
         self.run = run
-        self.table = ProvenanceTable()
+        #: Shared with a :class:`~storch_pyro.data_flow.DataFlow`, whose mode propagates it.
+        self.shared = table is not None
+        self.table = table if table is not None else ProvenanceTable()
         self.lost: List[Tuple[str, Any]] = []
         self._n_costs = 0
 
@@ -183,7 +185,8 @@ class SampleDimChecks:
     def recording(self) -> Iterator[None]:
         with ExitStack() as stack:
             stack.enter_context(_Recorder(self))
-            stack.enter_context(_Provenance(self.table))
+            if not self.shared:
+                stack.enter_context(_Provenance(self.table))
             yield
         self._collect()
 
@@ -194,7 +197,8 @@ class SampleDimChecks:
         sizes = {key: size for _, size, key in self.run.sample_frames}
         for cost in costs[self._n_costs:]:
             provenance = self.table.get(cost.value)
-            lost = [key for key in provenance if key not in cost.ordinal and sizes[key] > 1]
+            lost = [key for key in provenance
+                    if type(key) is tuple and key not in cost.ordinal and sizes[key] > 1]
             if lost:
                 self.lost.append((cost.name, sorted(lost, key=lambda key: -key[1])))
         self._n_costs = len(costs)

@@ -11,7 +11,9 @@ an enumerated support, ...) and stochastic nodes :math:`z` with score terms :mat
     \\qquad \\boxdot(x) = e^{x - \\bot(x)}
 
 (DiCE, Foerster et al. 2018; the baseline term of Mao et al. 2019). Credit assignment
-:math:`z \\to c`: :math:`z` was drawn before :math:`c` was computed, and :math:`c` is not at
+:math:`z \\to c`: :math:`z` was drawn before :math:`c` was computed (``credit="order"``), or
+:math:`c` can depend on :math:`z` by data or control flow (``credit="data_flow"``, a subset:
+:mod:`storch_pyro.data_flow`), and :math:`c` is not at
 another index of a sequential plate :math:`z` is in. :math:`l_z` is summed over the dims of
 plates (and sample dims) that :math:`c` is not in, and broadcast over the others, so a
 node's score never multiplies costs at other indices of its vectorized plates. Costs that
@@ -51,25 +53,33 @@ def _shared_dims(a: FrozenSet, b: FrozenSet) -> set:
 
 
 class _Group:
-    __slots__ = ("value", "ordinal", "seq", "n_before", "weight")
+    __slots__ = ("value", "ordinal", "seq", "n_before", "weight", "deps")
 
-    def __init__(self, value, ordinal, seq, n_before, weight):
+    def __init__(self, value, ordinal, seq, n_before, weight, deps):
         self.value = value
         self.ordinal = ordinal
         self.seq = seq
         self.n_before = n_before
         self.weight = weight
+        self.deps = deps
+
+
+def _credited(node: Node, group: "_Group") -> bool:
+    """Whether ``node``'s score meets a cost group, plates aside: drawn before it, and (with
+    credit by data flow) one it can depend on."""
+    return node.index < group.n_before if group.deps is None else node.index in group.deps
 
 
 def _group_costs(run: Run) -> List[_Group]:
     """Sums the (signed) costs that share plates, sample dims and predecessors."""
-    groups: Dict[Tuple[FrozenSet, int], _Group] = {}
+    groups: Dict[Tuple[FrozenSet, object], _Group] = {}
     for cost in run.costs:
-        key = (cost.ordinal, cost.n_before)
+        key = (cost.ordinal, cost.n_before if cost.deps is None else cost.deps)
         group = groups.get(key)
         if group is None:
             value = cost.value if cost.sign > 0 else -cost.value
-            groups[key] = _Group(value, cost.ordinal, cost.seq, cost.n_before, cost.weight)
+            groups[key] = _Group(value, cost.ordinal, cost.seq, cost.n_before, cost.weight,
+                                 cost.deps)
         elif cost.sign > 0:
             group.value = group.value + cost.value
         else:
@@ -113,8 +123,23 @@ class _ScorePrefix:
         self.nodes = run.nodes
         self.frame_weights = run.frame_weights
         self.cache: Dict[FrozenSet, Tuple[int, Optional[torch.Tensor]]] = {}
+        self.by_deps: Dict[Tuple[FrozenSet, FrozenSet], Optional[torch.Tensor]] = {}
 
-    def __call__(self, ordinal: FrozenSet, seq: tuple, n: int) -> Optional[torch.Tensor]:
+    def __call__(
+        self, ordinal: FrozenSet, seq: tuple, n: int, deps: Optional[FrozenSet[int]] = None
+    ) -> Optional[torch.Tensor]:
+        if deps is not None:  # credit by data flow: the nodes in deps
+            key = (ordinal, deps)
+            if key in self.by_deps:
+                return self.by_deps[key]
+            total = None
+            for index in sorted(deps):
+                node = self.nodes[index]
+                if node.score is not None and _compatible(node.seq, seq):
+                    score = _score_on(node, ordinal, self.frame_weights)
+                    total = score if total is None else total + score
+            self.by_deps[key] = total
+            return total
         done, total = self.cache.get(ordinal, (0, None))
         if n < done:
             done, total = 0, None
@@ -154,10 +179,12 @@ def surrogate_loss(run: Run) -> torch.Tensor:
     boxes = _Boxes()
     total = None
     for group in groups:
-        scores = prefix(group.ordinal, group.seq, group.n_before)
+        scores = prefix(group.ordinal, group.seq, group.n_before, group.deps)
         term = group.value if scores is None else boxes(scores) * group.value
         total = _add(total, term, group.weight)
     for node in run.nodes:
+        if node.direct is not None:
+            total = _add(total, _direct_term(node, prefix, boxes), node.weight)
         if node.baseline is not None:
             total = _add(total, _baseline_term(run, node, groups, prefix, boxes), node.weight)
         if node.estimator.has_control_term:
@@ -175,6 +202,22 @@ def surrogate_loss(run: Run) -> torch.Tensor:
                 term = _control_term(run, node, groups, prefix, boxes)
                 total = _add(total, term, upstream_weight)
     return _zero(run) if total is None else total
+
+
+def _direct_term(node: Node, prefix: "_ScorePrefix", boxes: _Boxes) -> torch.Tensor:
+    r"""The site's own cost :math:`c_z = a \log q(z)` (``a = node.direct``: sign, scale,
+    mask) has, besides its score-function terms, a direct gradient :math:`a \nabla l_z`
+    of mean zero (:math:`\mathbb{E}[\nabla \log q(z)] = 0`) that acts like a baseline of
+    :math:`-a` and adds variance (about 3x on independent Bernoulli latents). This term,
+    :math:`(1 - \boxdot(l_z))\,\boxdot(\sum_{y \to z} l_y)\, a`, is a baseline term of
+    value :math:`a`: zero-valued, of mean zero at every order, and its first-order gradient
+    :math:`-a \nabla l_z` cancels the direct one (what Pyro's ELBOs do by giving
+    non-reparameterized sites no entropy term)."""
+    before = prefix(node.ordinal, node.seq, node.index, node.deps)
+    box = 1.0 - boxes(node.score)
+    if before is not None:
+        box = box * boxes(before)
+    return box * node.direct
 
 
 def _check_costs_in_plates(run: Run, node: Node) -> None:
@@ -215,7 +258,7 @@ def _control_term(run: Run, node: Node, groups: List[_Group], prefix, boxes) -> 
 
 def _boxed_by_upstream(term: torch.Tensor, node: Node, prefix, boxes) -> torch.Tensor:
     """``term`` times the magic box of the scores upstream of the node."""
-    before = prefix(node.ordinal, node.seq, node.index)
+    before = prefix(node.ordinal, node.seq, node.index, node.deps)
     return term if before is None else term * boxes(before)
 
 
@@ -264,14 +307,15 @@ def _live_downstream_cost(
     ]
     per_index = shared = None
     for group in groups:
-        if group.n_before <= node.index or not _compatible(node.seq, group.seq):
+        if not _credited(node, group) or not _compatible(node.seq, group.seq):
             continue
         value = group.value
         scores = None
         for other in later:
             if other.index >= group.n_before:
                 break
-            if other.score is not None and _compatible(other.seq, group.seq):
+            if (other.score is not None and _credited(other, group)
+                    and _compatible(other.seq, group.seq)):
                 score = _score_on(other, group.ordinal, run.frame_weights)
                 scores = score if scores is None else scores + score
         if scores is not None:
@@ -317,7 +361,7 @@ def _downstream_cost(run: Run, node: Node, groups: List[_Group]) -> torch.Tensor
     total = None
     shape = node.log_prob.shape
     for group in groups:
-        if group.n_before > node.index and _compatible(node.seq, group.seq):
+        if _credited(node, group) and _compatible(node.seq, group.seq):
             reduced = _on_node_dims(run, node, group, group.value.detach(), detach=True)
             total = reduced if total is None else total + reduced
     if total is None:
@@ -352,7 +396,7 @@ def _baseline_term(
             f"{tuple(downstream.shape)} (plates and sample dims). Make it return one value "
             f"per batch element, e.g. squeeze a trailing dim of size 1."
         )
-    before = prefix(node.ordinal, node.seq, node.index)
+    before = prefix(node.ordinal, node.seq, node.index, node.deps)
     box = 1.0 - boxes(node.score)
     if before is not None:
         box = box * boxes(before)

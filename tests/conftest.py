@@ -1,3 +1,4 @@
+import os
 import re
 
 import pyro
@@ -81,3 +82,15 @@ def pytest_collection_modifyitems(config, items):
     if unmatched and config.args_source == pytest.Config.ArgsSource.TESTPATHS:
         raise pytest.UsageError(f"tests/conftest.py: QUICK patterns match no test: "
                                 f"{sorted(unmatched)}")
+
+
+@pytest.fixture(autouse=True)
+def _forced_credit(monkeypatch):
+    """``STORCH_PYRO_TEST_CREDIT=data_flow`` runs the tests with that credit assignment as
+    StorchELBO's default (e.g. the unbiasedness suite with credit by data flow)."""
+    credit = os.environ.get("STORCH_PYRO_TEST_CREDIT")
+    if credit:
+        from storch_pyro import StorchELBO
+
+        monkeypatch.setitem(StorchELBO.__init__.__kwdefaults__, "credit", credit)
+    yield

@@ -12,9 +12,9 @@ credits the costs computed after a site, TraceGraph_ELBO those that depend on it
 provenance): the guide draws a local Bernoulli ``c`` (``nn_baseline``) and then a global
 Bernoulli ``s`` whose probability depends on ``c``; in the model every site depends on ``s``,
 and the prior of ``s`` is masked out (a flat prior), so no cost depends on one site's sample
-and not the other's. Draw for draw the two losses then differ only by the direct gradient of
-the cost :math:`\\log q` that StorchELBO keeps (it has mean zero; see
-``test_dropin.py::test_score_function_gradient_is_tracegraphs_plus_the_zero_mean_log_q_term``).
+and not the other's. Draw for draw the two losses then give the same gradient (the direct
+gradient of the cost :math:`\\log q`, of mean zero, is dropped by both; see
+``test_dropin.py::test_score_function_gradient_is_tracegraphs``).
 
 Gradient variances are measured over ``DRAWS`` independent draws in one vectorized call: the
 model and guide are replicated in a plate ``draws`` whose members each see the parameters
@@ -261,9 +261,10 @@ def test_tracegraph_trained_state_continues_unchanged_under_storch(trained):
 def test_trained_baselines_reduce_variance_as_much_as_under_tracegraph(trained):
     """With the state trained under TraceGraph_ELBO, StorchELBO's gradient variance is that
     of TraceGraph_ELBO: ratio < 1.5; measured 1.15 for c (1.11 with no baseline: the direct
-    gradient of log q that StorchELBO keeps) and 0.96 for s. Before StorchELBO read the
-    annotations in Pyro's sign it was 4.9 and 24.7; with the trained state's sign flipped,
-    TraceGraph_ELBO's variance grows 4.5x (c) and 24x (s). StorchELBO stays unbiased.
+    gradient of log q that StorchELBO kept then; now cancelled) and 0.96 for s. Before
+    StorchELBO read the annotations in Pyro's sign it was 4.9 and 24.7; with the trained
+    state's sign flipped, TraceGraph_ELBO's variance grows 4.5x (c) and 24x (s). StorchELBO
+    stays unbiased.
 
     Power: DRAWS = 4000 draws, paired (same seed, so the same samples under both losses);
     the bootstrap relative s.e. of each ratio is 0.1%, so 1.5 is far above the measured

@@ -135,6 +135,22 @@ def _default_estimator_type():
     storch.StorchELBO(default_estimator=estimators.ScoreFunction)
 
 
+def _credit_value():
+    storch.StorchELBO(credit="dataflow")
+
+
+def _data_flow_lost():
+    scale = torch.tensor(2.0, requires_grad=True)
+
+    def model():
+        z = storch.sample("z", dist.Bernoulli(torch.tensor(0.3)))
+        with torch._C.DisableTorchFunction():  # an op the provenance mode cannot see
+            hidden = z * scale
+        storch.add_cost("c", hidden)
+
+    _elbo_step(model, credit="data_flow")
+
+
 def _leave_one_out_one_sample():
     def model():
         z = storch.sample(
@@ -531,6 +547,10 @@ ENTRIES = {
     "sync-state-shapes": Entry(
         _sync_state_shapes, StorchError, "'__baseline_avg_downstream_cost_z'",
         "Give every process the same batch size"
+    ),
+    "credit-value": Entry(_credit_value, ValueError, "credit", "must be 'order' or 'data_flow'"),
+    "data-flow-lost": Entry(
+        _data_flow_lost, RuntimeWarning, "'c'", "credit='order'", warning=True
     ),
     "leave-one-out-one-sample": Entry(
         _leave_one_out_one_sample, StorchError, "'z'", "with k >= 2"

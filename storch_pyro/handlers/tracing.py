@@ -60,7 +60,13 @@ class Node:
     sample_dim: Optional[int]
     own_frame: Optional[FrameKey]
     weight: Any
-
+    #: With credit by data flow, the earlier nodes its distribution can depend on
+    #: (:mod:`storch_pyro.data_flow`); ``None`` with credit by order (all earlier nodes).
+    deps: Optional[FrozenSet[int]] = None
+    #: Where the site's own cost is ``sign * scale * mask * log q(z)`` of its sampling
+    #: distribution: the (detached) factor ``sign * scale * mask`` (see
+    #: :func:`~storch_pyro.surrogate.surrogate_loss`); ``None`` elsewhere.
+    direct: Optional[torch.Tensor] = None
 
 
 @dataclass(slots=True)
@@ -74,6 +80,9 @@ class Cost:
     seq: tuple
     n_before: int
     weight: Any
+    #: With credit by data flow, the nodes the cost can depend on; ``None`` with credit by
+    #: order (the ``n_before`` nodes drawn before it).
+    deps: Optional[FrozenSet[int]] = None
 
 
 class Run:
@@ -110,6 +119,9 @@ class Run:
         #: The first mask that did not broadcast to its site's log-density, raised after
         #: the model has run (see :meth:`raise_deferred`).
         self.deferred_error: Optional[Exception] = None
+        #: Credit by data flow: the provenance of the run's tensors
+        #: (:class:`~storch_pyro.data_flow.DataFlow`); ``None`` for credit by order.
+        self.flow: Any = None
 
     def raise_deferred(self) -> None:
         """Raises the error recorded for a mask of the wrong shape, if any.
@@ -358,19 +370,37 @@ class StorchMessenger(Messenger):
             ordinal, seq, weight = run.frames_of(log_prob, stack, name)
             if self.role == "guide":
                 run.guide_values[name] = value
+            flow = run.flow
+            deps = None
+            if flow is not None:
+                # What the site's distribution (and so its value) can depend on.
+                provenance = flow.of((log_prob, unmasked, value, weight))
+                deps = flow.resolve(provenance, len(run.nodes), name)
             if estimator.has_score or estimator.has_control_term:
                 score = None
                 if estimator.has_score:
                     score = estimator.score_term(fn, value, unmasked, state)
+                direct = None
+                if (type(estimator) is ScoreFunction and self.role != "scg" and not owned
+                        and density_value is value
+                        and not isinstance(run.frame_weights.get(own_frame), torch.Tensor)):
+                    sign = 1.0 if self.role == "guide" else -1.0
+                    direct = scale_and_mask(torch.full_like(log_prob, sign), msg["scale"],
+                                            msg["mask"]).detach()
                 run.nodes.append(
                     Node(name, score, run.on_frames(masked, ordinal), ordinal, seq,
                          len(run.nodes), estimator,
-                         baseline, fn, state, sample_dim, own_frame, weight)
+                         baseline, fn, state, sample_dim, own_frame, weight, deps, direct)
                 )
+                if deps is not None:
+                    deps = deps | {len(run.nodes) - 1}
+            if flow is not None:
+                flow.tag(value, deps)
+                flow.tag(density_value, deps)
             if self.role == "scg":
                 return
             sign = 1.0 if self.role == "guide" else -1.0
-            self._add_cost(name, masked, msg["scale"], sign, ordinal, seq, weight, stack)
+            self._add_cost(name, masked, msg["scale"], sign, ordinal, seq, weight, stack, deps)
             return
         sign = 1.0 if self.role == "guide" else -1.0
         ordinal, seq, weight = run.frames_of(log_prob, stack, name)
@@ -388,12 +418,18 @@ class StorchMessenger(Messenger):
         ordinal, seq, weight = self.run.frames_of(value, stack, msg["name"])
         self._add_cost(msg["name"], value, msg["scale"], 1.0, ordinal, seq, weight, stack)
 
-    def _add_cost(self, name, value, scale, sign, ordinal, seq, weight, stack) -> None:
-        value = _reduce_to_frames(value, stack, self.run)
+    def _add_cost(self, name, value, scale, sign, ordinal, seq, weight, stack,
+                  deps=None) -> None:
+        run = self.run
+        if run.flow is not None:
+            provenance = run.flow.of((value, weight, scale))
+            found = run.flow.resolve(provenance, len(run.nodes), name)
+            deps = found if deps is None else deps | found
+        value = _reduce_to_frames(value, stack, run)
         if not (isinstance(scale, float) and scale == 1.0):
             value = value * scale
-        self.run.costs.append(
-            Cost(name, value, sign, ordinal, seq, len(self.run.nodes), weight)
+        run.costs.append(
+            Cost(name, value, sign, ordinal, seq, len(run.nodes), weight, deps)
         )
 
 
