@@ -171,7 +171,7 @@ class DataFlow:
 
 def _sequence_nr() -> int:
     with torch.enable_grad():
-        probe = torch.zeros((), requires_grad=True) * 1.0
+        probe = torch.zeros((), device="cpu", requires_grad=True) * 1.0
     return probe.grad_fn._sequence_nr()
 
 

@@ -269,7 +269,7 @@ class IWELBO(ELBO):
                 if name in score_sites:
                     score = score + log_q
         # the particle plate is at dim -nesting: make it dim 0
-        log_w = torch.as_tensor(log_w)
+        log_w = torch.as_tensor(log_w, device=getattr(log_w, "device", None))
         log_w = log_w.reshape((1,) * (nesting - log_w.dim()) + log_w.shape)
         log_w = log_w.expand((self.num_particles,) + log_w.shape[1:])
         bound = torch.logsumexp(log_w, 0) - math.log(self.num_particles)

@@ -12,9 +12,9 @@ credits the costs computed after a site, TraceGraph_ELBO those that depend on it
 provenance): the guide draws a local Bernoulli ``c`` (``nn_baseline``) and then a global
 Bernoulli ``s`` whose probability depends on ``c``; in the model every site depends on ``s``,
 and the prior of ``s`` is masked out (a flat prior), so no cost depends on one site's sample
-and not the other's. Draw for draw the two losses then give the same gradient (the direct
-gradient of the cost :math:`\\log q`, of mean zero, is dropped by both; see
-``test_dropin.py::test_score_function_gradient_is_tracegraphs``).
+and not the other's. Draw for draw the two losses then differ only by the direct gradient of
+the cost :math:`\\log q` that StorchELBO keeps (it has mean zero; see
+``test_dropin.py::test_score_function_gradient_is_tracegraphs_plus_the_zero_mean_log_q_term``).
 
 Gradient variances are measured over ``DRAWS`` independent draws in one vectorized call: the
 model and guide are replicated in a plate ``draws`` whose members each see the parameters

@@ -381,7 +381,8 @@ class StorchMessenger(Messenger):
                 if estimator.has_score:
                     score = estimator.score_term(fn, value, unmasked, state)
                 direct = None
-                if (type(estimator) is ScoreFunction and self.role != "scg" and not owned
+                if (flow is not None and type(estimator) is ScoreFunction
+                        and self.role != "scg" and not owned
                         and density_value is value
                         and not isinstance(run.frame_weights.get(own_frame), torch.Tensor)):
                     sign = 1.0 if self.role == "guide" else -1.0
