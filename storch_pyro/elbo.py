@@ -18,7 +18,9 @@ from storch_pyro import state as estimator_state
 from storch_pyro.data_flow import DataFlow
 from storch_pyro.errors import NonFiniteCostError
 from storch_pyro.estimators.base import Estimator
-from storch_pyro.handlers.tracing import Run, StorchMessenger, resolve_site
+from storch_pyro.handlers.records import Run
+from storch_pyro.handlers.resolution import resolve_site
+from storch_pyro.handlers.tracing import StorchMessenger
 from storch_pyro.param_state import param_store_state
 from storch_pyro.sample_dims import (
     SampleDimChecks,
@@ -241,7 +243,7 @@ class StorchELBO(ELBO):
         if self.num_particles != 1:
             total = total / self.num_particles
         tuned = [node for run in runs for node in run.nodes
-                 if node.estimator.trains_control_variate]
+                 if node.terms is not None and node.terms.variance is not None]
         return total, (variance_gradients(total, tuned) if tuned else [])
 
     def _validated_runs(self, model, guide, args, kwargs):
@@ -386,7 +388,7 @@ class _NestingProbe(Messenger):
     def _pyro_sample(self, msg) -> None:
         if msg["is_observed"] or msg["done"] or type(msg["fn"]) is _Subsample:
             return
-        estimator, _ = resolve_site(msg, self.default_estimator)
+        estimator = resolve_site(msg, self.default_estimator).estimator
         estimator.check(msg["name"], msg["fn"])
         msg["value"] = estimator.example_value(msg["fn"])
         msg["done"] = True

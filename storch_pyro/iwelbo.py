@@ -25,7 +25,7 @@ from storch_pyro.errors import StorchError
 from storch_pyro.estimators.base import Estimator
 from storch_pyro.estimators.pathwise import Pathwise
 from storch_pyro.estimators.score_function import ScoreFunction
-from storch_pyro.handlers.tracing import resolve_site
+from storch_pyro.handlers.resolution import resolve_site
 
 
 def vimco_log_baselines(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -111,9 +111,16 @@ class _SiteChoices(Messenger):
                 or type(msg["fn"]) is _Subsample):
             return
         name, fn = msg["name"], msg["fn"]
-        estimator, baseline = resolve_site(msg, self.default_estimator)
+        config = resolve_site(msg, self.default_estimator)
+        estimator, baseline = config.estimator, config.baseline
         if isinstance(estimator, Pathwise):
             estimator.check(name, fn)
+            if baseline is not None and config.explicit_baseline:
+                raise StorchError(
+                    f"site '{name}': a baseline was given, but its estimator Pathwise has no "
+                    f"score-function term for it to apply to. Remove the baseline or use e.g. "
+                    f"ScoreFunction."
+                )
         elif type(estimator) is ScoreFunction and estimator.n_samples == 1:
             if baseline is not None and not isinstance(baseline, VIMCO):
                 raise StorchError(

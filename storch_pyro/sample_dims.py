@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from storch_pyro.errors import StorchError
 from storch_pyro.estimators.relaxation import discrete_base
-from storch_pyro.handlers.tracing import SAMPLE_FRAME_PREFIX, NeedsPlateNesting, Run
+from storch_pyro.handlers.records import SAMPLE_FRAME_PREFIX, Run
 
 REMEDY = (
     "The model and guide must broadcast over dims left of their plates, as with Pyro's "
@@ -296,7 +296,7 @@ class explain_errors:  # noqa: N801 (used as a function)
 
     def __exit__(self, kind, error, traceback) -> bool:
         if (error is None or not isinstance(error, Exception)
-                or isinstance(error, (StorchError, NeedsPlateNesting))):
+                or isinstance(error, StorchError)):
             return False
         lines = self.sites()
         if lines:

@@ -27,8 +27,8 @@ import torch
 
 from storch_pyro.baselines import BaselineContext
 from storch_pyro.errors import NonFiniteCostError, StorchError
-from storch_pyro.estimators.base import ControlContext
-from storch_pyro.handlers.tracing import SAMPLE_FRAME_PREFIX, Node, Run
+from storch_pyro.estimators.base import Downstream, adds_terms
+from storch_pyro.handlers.records import SAMPLE_FRAME_PREFIX, Node, Run
 
 
 def magic_box(x: torch.Tensor) -> torch.Tensor:
@@ -187,21 +187,30 @@ def surrogate_loss(run: Run) -> torch.Tensor:
             total = _add(total, _direct_term(node, prefix, boxes), node.weight)
         if node.baseline is not None:
             total = _add(total, _baseline_term(run, node, groups, prefix, boxes), node.weight)
-        if node.estimator.has_control_term:
-            if node.estimator.needs_costs_in_plates:
+        if adds_terms(node.estimator):
+            if node.draw.perturbs_plates:
                 _check_costs_in_plates(run, node)
             upstream_weight = run.weight_of(node.ordinal - {node.own_frame})
-            if node.estimator.uses_control_context:
-                per_index, shared = _control_terms(
-                    run, node, groups, prefix, boxes, upstream_weight
-                )
-                total = _add(total, per_index, upstream_weight)
-                if shared is not None:
-                    total = _add(total, shared, upstream_weight)
-            else:
-                term = _control_term(run, node, groups, prefix, boxes)
-                total = _add(total, term, upstream_weight)
+            terms = node.terms = node.estimator.surrogate(
+                node.draw, _downstream(run, node, groups, upstream_weight)
+            )
+            if terms is not None:
+                if terms.control is not None:
+                    control = _boxed_by_upstream(terms.control, node, prefix, boxes)
+                    total = _add(total, control, upstream_weight)
+                if terms.shared is not None:
+                    total = _add(total, terms.shared, upstream_weight)
     return _zero(run) if total is None else total
+
+
+def _downstream(run: Run, node: Node, groups: List[_Group], upstream_weight) -> Downstream:
+    """The node's :class:`~storch_pyro.estimators.base.Downstream` costs, computed when
+    the estimator reads them."""
+    return Downstream(
+        node.site,
+        lambda: _downstream_cost(run, node, groups),
+        lambda: _live_downstream_cost(run, node, groups, upstream_weight),
+    )
 
 
 def _direct_term(node: Node, prefix: "_ScorePrefix", boxes: _Boxes) -> torch.Tensor:
@@ -248,31 +257,10 @@ def _zero(run: Run) -> torch.Tensor:
     return torch.zeros(())
 
 
-def _control_term(run: Run, node: Node, groups: List[_Group], prefix, boxes) -> torch.Tensor:
-    """The estimator's zero-valued term, times the box of the scores upstream of the node
-    (so that, as for baselines, the upstream score terms see it at higher orders)."""
-    downstream = _downstream_cost(run, node, groups)
-    term = node.estimator.control_term(node.fn, node.state, node.sample_dim, downstream)
-    return _boxed_by_upstream(term, node, prefix, boxes)
-
-
 def _boxed_by_upstream(term: torch.Tensor, node: Node, prefix, boxes) -> torch.Tensor:
     """``term`` times the magic box of the scores upstream of the node."""
     before = prefix(node.ordinal, node.seq, node.index, node.deps)
     return term if before is None else term * boxes(before)
-
-
-def _control_terms(
-    run: Run, node: Node, groups: List[_Group], prefix, boxes, upstream_weight
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """:meth:`~storch_pyro.estimators.base.Estimator.control_terms`: the per-index term is
-    boxed as in :func:`_control_term`; the shared term is added as it is."""
-    downstream = _downstream_cost(run, node, groups)
-    ctx = ControlContext(node.name, node.sample_dim, run.args, run.kwargs)
-    if node.estimator.needs_live_costs:
-        ctx.live_cost, ctx.live_total = _live_downstream_cost(run, node, groups, upstream_weight)
-    per_index, shared = node.estimator.control_terms(node.fn, node.state, downstream, ctx)
-    return _boxed_by_upstream(per_index, node, prefix, boxes), shared
 
 
 def _live_downstream_cost(
@@ -290,7 +278,7 @@ def _live_downstream_cost(
     :meth:`~storch_pyro.handlers.tracing.Run.frames_of`), so none is counted twice."""
     later = run.nodes[node.index + 1:]
     for other in later:
-        if other.estimator.has_control_term and node.own_frame in other.ordinal:
+        if adds_terms(other.estimator) and node.own_frame in other.ordinal:
             raise StorchError(
                 f"site '{other.name}' depends on the relaxed values of site '{node.name}' "
                 f"({type(node.estimator).__name__}), whose control variate differentiates the "
@@ -414,7 +402,8 @@ def with_variance_gradients(surrogate: torch.Tensor, nodes: List[Node]) -> torch
     surrogate's own (which has no meaning for them), where
     :math:`\hat g = \partial \mathcal{S} / \partial \vartheta` for the nodes'
     distribution parameters :math:`\vartheta`
-    (:meth:`~storch_pyro.estimators.base.Estimator.variance_parameters`); as
+    (:class:`~storch_pyro.estimators.base.VarianceTerm` in the nodes'
+    :class:`~storch_pyro.estimators.base.Terms`); as
     :math:`\mathbb{E}[2\hat g\,\partial_\phi \hat g] = \partial_\phi \mathbb{E}[\hat g^2]`
     (Tucker et al. 2017, Grathwohl et al. 2018), this trains them to lower the variance:
 
@@ -442,9 +431,10 @@ def variance_gradients(surrogate: torch.Tensor, nodes: List[Node]) -> List[Varia
     targets: Dict[int, torch.Tensor] = {}
     params: Dict[int, torch.Tensor] = {}
     for node in nodes:
-        node_targets, node_params = node.estimator.variance_parameters(node.state)
-        targets.update((id(t), t) for t in node_targets if t.requires_grad)
-        params.update((id(p), p) for p in node_params if p.requires_grad)
+        variance = None if node.terms is None else node.terms.variance
+        if variance is not None:
+            targets.update((id(t), t) for t in variance.targets if t.requires_grad)
+            params.update((id(p), p) for p in variance.params if p.requires_grad)
     if not params or not surrogate.requires_grad:
         return []
     leaves = list(params.values())

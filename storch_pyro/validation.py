@@ -40,7 +40,7 @@ from pyro.util import check_model_guide_match, check_site_shape
 from torch.distributions import Distribution, constraints
 from torch.distributions.utils import lazy_property
 
-from storch_pyro.handlers.tracing import Run
+from storch_pyro.handlers.records import Run
 
 
 def check_run(run: Run, max_plate_nesting: float, after_the_fact: bool = False) -> None:
@@ -132,7 +132,7 @@ def _log_density(run: Run, site: dict) -> torch.Tensor:
     name = site["name"]
     owner = run.density_owners.get(name)  # an estimator's own log-density
     if owner is not None:
-        return owner[0].log_density(site["fn"], site["value"], owner[1])
+        return owner(site["fn"], site["value"])
     return site["fn"].log_prob(run.density_values.get(name, site["value"]))
 
 

@@ -17,28 +17,35 @@ from storch_pyro.errors import UnusedConfigWarning
 # Names start with "_" so they are not added to the public estimator registry.
 
 
-class _SpyScore(estimators.ScoreFunction):
+class _Counting:
+    """Counts the draws of an estimator and of its per-site copies (one shared counter)."""
+
+    def _start_counting(self):
+        self._draws = [0]
+
+    @property
+    def draws(self):
+        return self._draws[0]
+
+    def draw(self, site):
+        self._draws[0] += 1
+        return super().draw(site)
+
+
+class _SpyScore(_Counting, estimators.ScoreFunction):
     """A ScoreFunction estimator that counts its draws."""
 
     def __init__(self, n_samples=1, baseline=None):
         super().__init__(n_samples=n_samples, baseline=baseline)
-        self.draws = 0
-
-    def draw(self, fn, sample_shape):
-        self.draws += 1
-        return super().draw(fn, sample_shape)
+        self._start_counting()
 
 
-class _SpyPathwise(estimators.Pathwise):
+class _SpyPathwise(_Counting, estimators.Pathwise):
     """A Pathwise estimator that counts its draws."""
 
     def __init__(self):
         super().__init__()
-        self.draws = 0
-
-    def draw(self, fn, sample_shape):
-        self.draws += 1
-        return super().draw(fn, sample_shape)
+        self._start_counting()
 
 
 class _SpyBaseline(baselines.Baseline):

@@ -1,7 +1,17 @@
-"""Gradient estimators: one module per family, all subclasses of :class:`Estimator`."""
+"""Gradient estimators: one module per family, all subclasses of :class:`Estimator`, and the
+records of its interface (:class:`Site`, :class:`Draw`, :class:`Downstream`, :class:`Terms`,
+:class:`VarianceTerm`)."""
 
 from storch_pyro.estimators.antithetic import ARM, DisARM
-from storch_pyro.estimators.base import Estimator, working_estimators
+from storch_pyro.estimators.base import (
+    Downstream,
+    Draw,
+    Estimator,
+    Site,
+    Terms,
+    VarianceTerm,
+    working_estimators,
+)
 from storch_pyro.estimators.control_variates import LAX, REBAR, RELAX
 from storch_pyro.estimators.enumeration import Enumerate, SumAndSample
 from storch_pyro.estimators.gumbel_rao import GumbelRao
@@ -14,6 +24,8 @@ from storch_pyro.estimators.unordered_set import UnorderedSet
 __all__ = [
     "ARM",
     "DisARM",
+    "Downstream",
+    "Draw",
     "Enumerate",
     "Estimator",
     "GumbelRao",
@@ -24,8 +36,11 @@ __all__ = [
     "REBAR",
     "RELAX",
     "ScoreFunction",
+    "Site",
     "StraightThrough",
     "SumAndSample",
+    "Terms",
     "UnorderedSet",
+    "VarianceTerm",
     "working_estimators",
 ]

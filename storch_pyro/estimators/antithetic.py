@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Bernoulli, Distribution
 
-from storch_pyro.estimators.base import Estimator, innermost_distribution
+from storch_pyro.estimators.base import (
+    Downstream,
+    Draw,
+    Estimator,
+    Site,
+    Terms,
+    innermost_distribution,
+)
 from storch_pyro.estimators.relaxation import discrete_base
 
 
@@ -86,9 +93,6 @@ class _AntitheticBernoulli(Estimator):
     sites are drawn as their stick-breaking binary vectors (:func:`stick_breaking_logits`),
     each member of a pair becoming the index of its first one (Dong, Mnih & Tucker 2021)."""
 
-    has_score = False
-    has_control_term = True
-
     def __init__(self, n_samples: int = 1, order: str = "given") -> None:
         super().__init__(n_samples)
         if order not in ORDERS:
@@ -106,9 +110,6 @@ class _AntitheticBernoulli(Estimator):
             ".expand-ed)"
         )
 
-    def sample_size(self, fn: Distribution) -> int:
-        return 2 * self.n_samples
-
     def __repr__(self) -> str:
         order = "" if self.order == "given" else f", order={self.order!r}"
         return f"{type(self).__name__}(n_samples={self.n_samples}{order})"
@@ -120,7 +121,9 @@ class _AntitheticBernoulli(Estimator):
         """The per-coordinate factor multiplying :math:`f(b_1) - f(b_2)` in the gradient."""
         raise NotImplementedError
 
-    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]):
+    def draw(self, site: Site) -> Draw:
+        fn, size = site.fn, 2 * self.n_samples
+        sample_shape = site.sample_shape(size)
         permutation = _category_order(fn, self.order)
         view = _binary_view(fn, permutation)
         logits = view.logits.detach()
@@ -134,11 +137,13 @@ class _AntitheticBernoulli(Estimator):
                 value = order.gather(-1, value.unsqueeze(-1)).squeeze(-1)
             if view.kind == "onehot":
                 value = F.one_hot(value, logits.shape[-1] + 1).to(logits.dtype)
-        return value, (u, permutation)
+        return Draw(value, size=size, state=(u, permutation))
 
-    def control_term(self, fn, state, sample_dim, downstream_cost):
-        u, permutation = state
-        _, logits, event_dim = _binary_view(fn, permutation)
+    def surrogate(self, draw: Draw, downstream: Downstream) -> Terms:
+        u, permutation = draw.state
+        _, logits, event_dim = _binary_view(downstream.site.fn, permutation)
+        sample_dim = downstream.site.sample_dim
+        downstream_cost = downstream.cost
         cost = downstream_cost.reshape(downstream_cost.shape + (1,) * event_dim)
         dim = sample_dim - event_dim
         k = self.n_samples
@@ -147,7 +152,7 @@ class _AntitheticBernoulli(Estimator):
         first, second = self._pair(detached, u)
         gradient = difference * self._coefficient(detached, u, first, second)
         term = (gradient * (logits - detached)).sum(dim, keepdim=True) / k
-        return term.sum(tuple(range(-event_dim, 0))) if event_dim else term
+        return Terms(control=term.sum(tuple(range(-event_dim, 0))) if event_dim else term)
 
 
 def _first_one(bits: torch.Tensor) -> torch.Tensor:

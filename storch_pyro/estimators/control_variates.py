@@ -36,6 +36,7 @@ gradients are not promised.
 """
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, List, Optional, Tuple
 
 import pyro
@@ -44,7 +45,15 @@ import torch.nn.functional as F
 from torch.distributions import Distribution, constraints
 
 from storch_pyro.errors import StorchError, UnsupportedDistributionError
-from storch_pyro.estimators.base import ControlContext, Estimator, innermost_distribution
+from storch_pyro.estimators.base import (
+    Downstream,
+    Draw,
+    Estimator,
+    Site,
+    Terms,
+    VarianceTerm,
+    innermost_distribution,
+)
 from storch_pyro.estimators.relaxation import discrete_base
 from storch_pyro.estimators.relaxed_sampling import (
     gumbel_conditional,
@@ -112,24 +121,24 @@ class _Network:
         self.with_context = with_context
         self.name = name
 
-    def __call__(self, prefix: str, ctx: ControlContext, z: torch.Tensor,
+    def __call__(self, prefix: str, site: Site, z: torch.Tensor,
                  expected: torch.Size, state: _Draw) -> torch.Tensor:
         # update_module_params: after pyro.get_param_store().load the network must compute
         # with (and train) the loaded tensors, not its own initial ones (checkpoint/resume)
         module = pyro.module(
-            self.name or f"{prefix}.{ctx.site}", self.module, update_module_params=True
+            self.name or f"{prefix}.{site.name}", self.module, update_module_params=True
         )
         known = {id(p) for p in state.params}
         state.params.extend(
             p for p in module.parameters() if p.requires_grad and id(p) not in known
         )
         if self.with_context:
-            args = tuple(_detached(a) for a in ctx.args)
-            kwargs = {k: _detached(v) for k, v in ctx.kwargs.items()}
+            args = tuple(_detached(a) for a in site.args)
+            kwargs = {k: _detached(v) for k, v in site.kwargs.items()}
             out = module(z, *args, **kwargs)
         else:
             out = module(z)
-        return _check_output(ctx.site, self.module, out, z, expected)
+        return _check_output(site.name, self.module, out, z, expected)
 
 
 def _detached(value: Any) -> Any:
@@ -157,10 +166,6 @@ class _RelaxedDiscrete(Estimator):
     weights :math:`1/k, 0, 0`: the loss value counts only :math:`f(b)`, and one pass of the
     downstream code evaluates :math:`f` at all three."""
 
-    has_score = True
-    has_control_term = True
-    uses_control_context = True
-    trains_control_variate = True
     _prefix = ""
 
     def __init__(self, n_samples: int, temperature: float, eta: float, learn: bool,
@@ -172,7 +177,6 @@ class _RelaxedDiscrete(Estimator):
         self.eta = float(eta)
         self.learn = bool(learn)
         self.relaxed_evaluations = relaxed_evaluations
-        self.needs_live_costs = relaxed_evaluations
 
     @classmethod
     def supports(cls, fn: Distribution) -> bool:
@@ -180,9 +184,6 @@ class _RelaxedDiscrete(Estimator):
 
     def _unsupported_reason(self, fn: Distribution) -> str:
         return " (it needs a Bernoulli, Categorical or OneHotCategorical)"
-
-    def sample_size(self, fn: Distribution) -> int:
-        return 3 * self.n_samples if self.relaxed_evaluations else self.n_samples
 
     def _eta_and_temperature(self, site: str, like: torch.Tensor):
         if not self.learn:
@@ -196,9 +197,11 @@ class _RelaxedDiscrete(Estimator):
         )
         return eta, temperature, [_leaf(eta), _leaf(temperature)]
 
-    def draw_site(self, site: str, fn: Distribution, sample_shape: Tuple[int, ...]):
+    def draw(self, draw_site: Site) -> Draw:
+        fn, site, k = draw_site.fn, draw_site.name, self.n_samples
+        size = 3 * k if self.relaxed_evaluations else k
+        sample_shape = draw_site.sample_shape(size)
         kind, logits = discrete_base(fn)
-        k = self.n_samples
         shape = ((k,) + tuple(sample_shape[1:]) if sample_shape else ()) + tuple(logits.shape)
         u, v = open_uniform(shape, logits), open_uniform(shape, logits)
         if kind == "bernoulli":
@@ -214,14 +217,23 @@ class _RelaxedDiscrete(Estimator):
         targets = [t for t in [innermost_distribution(fn).logits] if t.requires_grad]
         state = _Draw(site, z, z_tilde, targets)
         if not self.relaxed_evaluations:
-            return (index if kind == "categorical" else hard), state
+            value = index if kind == "categorical" else hard
+            state.score = draw_site.log_prob(value)
+            return Draw(value, size=k, score=state.score, state=state)
         state.eta, temperature, state.params = self._eta_and_temperature(site, logits)
         if kind == "bernoulli":
             soft, soft_tilde = torch.sigmoid(z / temperature), torch.sigmoid(z_tilde / temperature)
         else:
             soft = torch.softmax(z / temperature, -1)
             soft_tilde = torch.softmax(z_tilde / temperature, -1)
-        return torch.cat([hard, soft, soft_tilde], 0), state
+        value = torch.cat([hard, soft, soft_tilde], 0)
+        log_prob = relaxed_log_prob(fn, value)
+        weights = log_prob.new_zeros((3 * k,) + (1,) * (log_prob.dim() - 1))
+        weights[:k] = 1.0 / k  # the loss value counts only f(b)
+        state.score = log_prob[:k]
+        score = torch.cat([state.score, torch.zeros_like(log_prob[k:])], 0)
+        return Draw(value, size=size, weights=weights, score=score,
+                    log_density=partial(self._relaxed_log_prob, site), state=state)
 
     def example_value(self, fn: Distribution) -> torch.Tensor:
         kind, logits = discrete_base(fn)
@@ -229,46 +241,31 @@ class _RelaxedDiscrete(Estimator):
             return fn.sample()
         return F.one_hot(fn.sample(), logits.shape[-1]).to(logits.dtype)
 
-    def log_density(self, fn, value, state):
-        if not self.relaxed_evaluations:
-            return None
+    def _relaxed_log_prob(self, site: str, fn: Distribution, value: torch.Tensor) -> torch.Tensor:
         if discrete_base(fn) is None:
             raise StorchError(
-                f"site '{state.site}': {type(self).__name__} evaluates its log-densities at "
+                f"site '{site}': {type(self).__name__} evaluates its log-densities at "
                 f"relaxed values, which needs a Bernoulli, Categorical or OneHotCategorical in "
                 f"the model and guide alike, got {type(fn).__name__}. Use the same family in "
                 f"both, or RELAX without rebar_term."
             )
         return relaxed_log_prob(fn, value)
 
-    def sample_weights(self, fn, value, log_prob, state):
-        if not self.relaxed_evaluations:
-            return None
-        k = self.n_samples
-        weights = log_prob.new_zeros((3 * k,) + (1,) * (log_prob.dim() - 1))
-        weights[:k] = 1.0 / k
-        return weights
-
-    def score_term(self, fn, value, log_prob, state):
-        if not self.relaxed_evaluations:
-            state.score = log_prob
-            return log_prob
-        k = self.n_samples
-        state.score = log_prob[:k]
-        return torch.cat([state.score, torch.zeros_like(log_prob[k:])], 0)
-
-    def _network_terms(self, ctx, state) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def _network_terms(self, site: Site, state: _Draw
+                       ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """:math:`c_\\phi(\\tilde z)` and :math:`c_\\phi(z) - c_\\phi(\\tilde z)`, or Nones."""
         return None, None
 
-    def control_terms(self, fn, state: _Draw, downstream_cost, ctx: ControlContext):
+    def surrogate(self, draw: Draw, downstream: Downstream) -> Terms:
         k = self.n_samples
+        state = draw.state
         score = state.score
-        has_sample_dim = ctx.sample_dim is not None
-        c_tilde, shared = self._network_terms(ctx, state)
+        has_sample_dim = downstream.site.sample_dim is not None
+        c_tilde, shared = self._network_terms(downstream.site, state)
         if self.relaxed_evaluations:
-            relaxed_total = ctx.live_total[k:2 * k] - ctx.live_total[2 * k:]
-            rebar = state.eta * ctx.live_cost[2 * k:]
+            live_total = downstream.live_total
+            relaxed_total = live_total[k:2 * k] - live_total[2 * k:]
+            rebar = state.eta * downstream.live_cost[2 * k:]
             c_tilde = rebar if c_tilde is None else c_tilde + rebar
             shared_rebar = state.eta * relaxed_total
             if shared is not None:  # per-index network terms: sum them over the plates
@@ -277,10 +274,7 @@ class _RelaxedDiscrete(Estimator):
                 shared = shared_rebar
         per_index = _mean_over_samples(-c_tilde * (score - score.detach()), k, has_sample_dim)
         shared = _mean_over_samples(shared - shared.detach(), k, has_sample_dim)
-        return per_index, shared
-
-    def variance_parameters(self, state: _Draw):
-        return state.targets, state.params
+        return Terms(per_index, shared, VarianceTerm(state.targets, state.params))
 
 
 class REBAR(_RelaxedDiscrete):
@@ -412,10 +406,10 @@ class RELAX(_RelaxedDiscrete):
         super().__init__(n_samples, temperature, eta, learn, relaxed_evaluations=rebar_term)
         self.network = _Network(control_variate, with_context, name, "RELAX")
 
-    def _network_terms(self, ctx, state):
+    def _network_terms(self, site: Site, state: _Draw):
         expected = state.score.shape
-        c_z = self.network(self._prefix, ctx, state.z, expected, state)
-        c_tilde = self.network(self._prefix, ctx, state.z_tilde, expected, state)
+        c_z = self.network(self._prefix, site, state.z, expected, state)
+        c_tilde = self.network(self._prefix, site, state.z_tilde, expected, state)
         difference = c_z - c_tilde
         return c_tilde, difference
 
@@ -456,11 +450,6 @@ class LAX(Estimator):
         storch.add_cost("reward", black_box(x))   # no gradient through black_box needed
     """
 
-    has_score = True
-    has_control_term = True
-    uses_control_context = True
-    trains_control_variate = True
-
     def __init__(self, control_variate: torch.nn.Module, with_context: bool = False,
                  name: Optional[str] = None, n_samples: int = 1) -> None:
         super().__init__(n_samples)
@@ -482,28 +471,23 @@ class LAX(Estimator):
             )
         super().check(site, fn)
 
-    def draw_site(self, site: str, fn: Distribution, sample_shape: Tuple[int, ...]):
-        z = fn.rsample(sample_shape)
-        return z.detach(), _Draw(site, z, None, _distribution_parameters(fn))
+    def draw(self, site: Site) -> Draw:
+        z = site.fn.rsample(site.sample_shape(self.n_samples))
+        value = z.detach()
+        score = site.log_prob(value)
+        state = _Draw(site.name, z, None, _distribution_parameters(site.fn), score=score)
+        return Draw(value, size=self.n_samples, score=score, state=state)
 
-    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]):
-        return self.draw_site("", fn, sample_shape)
-
-    def score_term(self, fn, value, log_prob, state):
-        state.score = log_prob
-        return log_prob
-
-    def control_terms(self, fn, state: _Draw, downstream_cost, ctx: ControlContext):
+    def surrogate(self, draw: Draw, downstream: Downstream) -> Terms:
+        state = draw.state
         score = state.score
-        c = self.network("storch_pyro.lax", ctx, state.z, score.shape, state)
-        has_sample_dim = ctx.sample_dim is not None
+        c = self.network("storch_pyro.lax", downstream.site, state.z, score.shape, state)
+        has_sample_dim = downstream.site.sample_dim is not None
         per_index = _mean_over_samples(-c * (score - score.detach()), self.n_samples,
                                        has_sample_dim)
         pathwise = c - c.detach()
-        return per_index, _mean_over_samples(pathwise, self.n_samples, has_sample_dim)
-
-    def variance_parameters(self, state: _Draw):
-        return state.targets, state.params
+        shared = _mean_over_samples(pathwise, self.n_samples, has_sample_dim)
+        return Terms(per_index, shared, VarianceTerm(state.targets, state.params))
 
     def __repr__(self) -> str:
         return f"LAX({type(self.network.module).__name__}, n_samples={self.n_samples})"

@@ -1,12 +1,10 @@
 """Estimators that sum exactly over (part of) a finite support: Enumerate, SumAndSample."""
 
-from typing import Any, Dict, Tuple
-
 import torch
 from torch.distributions import Distribution
 
 from storch_pyro.errors import UnsupportedDistributionError
-from storch_pyro.estimators.base import Estimator
+from storch_pyro.estimators.base import Draw, Estimator, Site
 
 
 def _enumerable(fn: Distribution) -> bool:
@@ -39,8 +37,6 @@ class Enumerate(Estimator):
             svi.step(data)
     """
 
-    has_score = False
-
     def __init__(self) -> None:
         super().__init__(1)
 
@@ -51,15 +47,11 @@ class Enumerate(Estimator):
     def _unsupported_reason(self, fn: Distribution) -> str:
         return " (it has no finite support to enumerate: has_enumerate_support is False)"
 
-    def sample_size(self, fn: Distribution) -> int:
-        return _support_size(fn)
-
-    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]) -> Tuple[torch.Tensor, None]:
-        support = fn.enumerate_support(expand=False)
-        return support.reshape(tuple(sample_shape) + support.shape[1:]), None
-
-    def sample_weights(self, fn, value, log_prob, state) -> torch.Tensor:
-        return log_prob.exp()
+    def draw(self, site: Site) -> Draw:
+        support = site.fn.enumerate_support(expand=False)
+        size = support.shape[0]
+        value = support.reshape(site.sample_shape(size) + support.shape[1:])
+        return Draw(value, size=size, weights=site.log_prob(value).exp())
 
     def __repr__(self) -> str:
         return "Enumerate()"
@@ -89,8 +81,6 @@ class SumAndSample(Estimator):
         z = storch.sample("z", dist.Categorical(logits=phi), estimator=estimators.SumAndSample(3))
     """
 
-    has_score = True
-
     def __init__(self, k: int) -> None:
         super().__init__(k)
 
@@ -107,8 +97,9 @@ class SumAndSample(Estimator):
                 f"size {size}; use k <= {size}, or Enumerate() for the exact sum."
             )
 
-    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]):
-        k = self.n_samples
+    def draw(self, site: Site) -> Draw:
+        fn, k = site.fn, self.n_samples
+        sample_shape = site.sample_shape(k)
         support = fn.enumerate_support(expand=True)  # (K, *batch, *event)
         with torch.no_grad():
             log_probs = fn.log_prob(support)  # (K, *batch)
@@ -123,22 +114,15 @@ class SumAndSample(Estimator):
             0, index.reshape(index.shape + (1,) * len(event)).expand((k,) + support.shape[1:])
         )
         value = gathered.reshape(tuple(sample_shape) + tuple(support.shape[1:]))
-        return value, {"support": support, "in_sum": in_sum}
-
-    def sample_weights(self, fn, value, log_prob, state: Dict[str, Any]) -> torch.Tensor:
-        k = self.n_samples
-        log_rest = fn.log_prob(state["support"]).masked_fill(state["in_sum"], -float("inf"))
+        log_prob = site.log_prob(value)
+        if k == 1:  # nothing summed: plain REINFORCE
+            return Draw(value, score=log_prob)
+        log_rest = fn.log_prob(support).masked_fill(in_sum, -float("inf"))
         log_rest = log_rest.logsumexp(0).reshape((1,) + (1,) * (log_prob.dim() - 1 - len(
             fn.batch_shape)) + tuple(fn.batch_shape))
-        state["log_rest"] = log_rest
-        return torch.cat([log_prob[: k - 1].exp(), log_rest.exp().expand_as(log_prob[k - 1:])], 0)
-
-    def score_term(self, fn, value, log_prob, state: Dict[str, Any]) -> torch.Tensor:
-        k = self.n_samples
-        if k == 1:  # nothing summed: plain REINFORCE
-            return log_prob
-        sampled = log_prob[k - 1:] - state["log_rest"]
-        return torch.cat([torch.zeros_like(log_prob[: k - 1]), sampled], 0)
+        weights = torch.cat([log_prob[: k - 1].exp(), log_rest.exp().expand_as(log_prob[k - 1:])])
+        score = torch.cat([torch.zeros_like(log_prob[: k - 1]), log_prob[k - 1:] - log_rest], 0)
+        return Draw(value, size=k, weights=weights, score=score)
 
     def __repr__(self) -> str:
         return f"SumAndSample(k={self.n_samples})"

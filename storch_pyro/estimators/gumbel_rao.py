@@ -2,13 +2,12 @@
 noise given the discrete sample (Paulus, Maddison & Krause 2021)."""
 
 from functools import partial
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.distributions import Distribution
 from torch.distributions.utils import clamp_probs
 
+from storch_pyro.estimators.base import Draw, Site
 from storch_pyro.estimators.relaxation import _Relaxation, _straight_through, discrete_base
 from storch_pyro.estimators.relaxed_sampling import (
     gumbel_conditional,
@@ -113,7 +112,8 @@ class GumbelRao(_Relaxation):
         self.temperature = float(temperature)
         self.n_conditional = n_conditional
 
-    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]):
+    def draw(self, site: Site) -> Draw:
+        fn, sample_shape = site.fn, site.sample_shape(self.n_samples)
         kind, logits = discrete_base(fn)
         shape = tuple(sample_shape) + tuple(logits.shape)
         # the same uniforms as GumbelSoftmax(hard=True) (torch's relaxed rsample)
@@ -130,7 +130,7 @@ class GumbelRao(_Relaxation):
             kind, scores.detach(), hard, self.n_conditional - 1)], 0)
         relax = torch.sigmoid if kind == "bernoulli" else partial(torch.softmax, dim=-1)
         soft = relax((scores + noise) / self.temperature).mean(0)
-        return _straight_through(hard, soft), (kind, hard)
+        return self._draw(_straight_through(hard, soft), kind, hard)
 
     def __repr__(self) -> str:
         return (f"GumbelRao(temperature={self.temperature}, n_conditional={self.n_conditional}, "

@@ -77,7 +77,7 @@ from torch.distributions import (
 )
 
 from storch_pyro.errors import StorchError
-from storch_pyro.estimators.base import Estimator
+from storch_pyro.estimators.base import Downstream, Draw, Estimator, Site, Terms
 
 _FAMILIES = (Normal, Bernoulli, Categorical, OneHotCategorical, Poisson)
 _WRAPPERS = (Independent, MaskedDistribution, ExpandedDistribution)
@@ -227,11 +227,6 @@ class MeasureValued(Estimator):
         storch.add_cost("step", (z > 0.5).float())   # non-differentiable: fine
     """
 
-    has_score = False
-    has_control_term = True
-    accepts_baseline = False
-    needs_costs_in_plates = True
-
     @classmethod
     def supports(cls, fn: Distribution) -> bool:
         return isinstance(_base(fn), _FAMILIES)
@@ -240,13 +235,23 @@ class MeasureValued(Estimator):
         return (" (it needs a Normal, Bernoulli, Categorical, OneHotCategorical or Poisson, "
                 "possibly .to_event, .expand-ed or masked)")
 
-    def sample_size(self, fn: Distribution) -> int:
+    def draw(self, site: Site) -> Draw:
+        fn = site.fn
         layout = _layout(fn)
-        n_coordinates = math.prod(layout.latent_event)
-        return self.n_samples * (1 + layout.n_types * n_coordinates)
+        size = self.n_samples * (1 + layout.n_types * math.prod(layout.latent_event))
+        sample_shape = site.sample_shape(size)
+        value, state = self._evaluations(site.name, fn, layout, sample_shape)
+        weights = None
+        if state.x is not None:  # the k draws count, the perturbed evaluations do not
+            like = layout.params[0][1]
+            weights = like.new_zeros((size,) + (1,) * (len(sample_shape) + len(fn.batch_shape)
+                                                        - 1)).detach()
+            weights[:self.n_samples] = 1.0 / self.n_samples
+        return Draw(value, size=size, weights=weights, perturbs_plates=True, state=state)
 
-    def draw_site(self, site: str, fn: Distribution, sample_shape: Tuple[int, ...]):
-        layout = _layout(fn)
+    def _evaluations(self, site: str, fn: Distribution, layout, sample_shape: Tuple[int, ...]):
+        """The values: ``k`` draws, then each with one coordinate replaced per parameter
+        type (``sample_shape`` on the left), and the :class:`_Draw` for the terms."""
         if not layout.n_types:
             return fn.sample(sample_shape), _Draw(site, layout, None)
         base = _base(fn)
@@ -302,24 +307,14 @@ class MeasureValued(Estimator):
             value = F.one_hot(value, layout.n_categories).to(base.logits.dtype)
         return value, _Draw(site, layout, x)
 
-    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]):
-        return self.draw_site("?", fn, sample_shape)
-
-    def sample_weights(self, fn, value, log_prob, state: _Draw):
-        if state.x is None:
-            return None
-        k = self.n_samples
-        weights = log_prob.new_zeros((log_prob.shape[0],) + (1,) * (log_prob.dim() - 1))
-        weights[:k] = 1.0 / k
-        return weights
-
     def example_value(self, fn: Distribution) -> torch.Tensor:
         return fn.sample()
 
-    def control_term(self, fn, state: _Draw, sample_dim, downstream_cost):
+    def surrogate(self, draw: Draw, downstream: Downstream) -> Optional[Terms]:
+        state, fn, downstream_cost = draw.state, downstream.site.fn, downstream.cost
         layout = state.layout
         if state.x is None:
-            return downstream_cost.new_zeros(())
+            return None
         k = self.n_samples
         x = state.x
         n_coordinates = x.shape[-1]
@@ -367,7 +362,7 @@ class MeasureValued(Estimator):
             product = grad * difference
             product = product.sum((-2, -1) if categorical else -1)
             term = product if term is None else term + product
-        return term.sum(0, keepdim=True) / k
+        return Terms(control=term.sum(0, keepdim=True) / k)
 
     def __repr__(self) -> str:
         return f"MeasureValued(n_samples={self.n_samples})"

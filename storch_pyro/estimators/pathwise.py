@@ -1,11 +1,8 @@
 """The pathwise (reparameterization) estimator."""
 
-from typing import Tuple
-
-import torch
 from torch.distributions import Distribution
 
-from storch_pyro.estimators.base import Estimator
+from storch_pyro.estimators.base import Draw, Estimator, Site
 
 
 class Pathwise(Estimator):
@@ -21,14 +18,12 @@ class Pathwise(Estimator):
         z = storch.sample("z", dist.Normal(mu, 1.0), estimator=estimators.Pathwise())
     """
 
-    has_score = False
-
     @classmethod
     def supports(cls, fn: Distribution) -> bool:
         return bool(fn.has_rsample)
 
-    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]) -> Tuple[torch.Tensor, None]:
-        return fn.rsample(sample_shape), None
+    def draw(self, site: Site) -> Draw:
+        return Draw(site.fn.rsample(site.sample_shape(self.n_samples)), size=self.n_samples)
 
     def _unsupported_reason(self, fn: Distribution) -> str:
         return " (it is not reparameterizable: has_rsample is False)"

@@ -13,7 +13,7 @@ from torch.distributions import (
     RelaxedOneHotCategorical,
 )
 
-from storch_pyro.estimators.base import Estimator, innermost_distribution
+from storch_pyro.estimators.base import Draw, Estimator, Site, innermost_distribution
 from storch_pyro.param_state import param_store_state
 from storch_pyro.state import add_one, record
 
@@ -43,8 +43,6 @@ def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
 
 
 class _Relaxation(Estimator):
-    has_score = False
-
     @classmethod
     def supports(cls, fn: Distribution) -> bool:
         return discrete_base(fn) is not None
@@ -58,9 +56,10 @@ class _Relaxation(Estimator):
             return fn.sample()
         return F.one_hot(fn.sample(), logits.shape[-1]).to(logits.dtype)
 
-    def density_value(self, fn, value, state):
-        kind, hard = state
-        return hard.argmax(-1) if kind == "categorical" else hard
+    def _draw(self, value: torch.Tensor, kind: str, hard: torch.Tensor) -> Draw:
+        """The value, with log-densities evaluated at the discrete ``hard`` it stands for."""
+        density_value = hard.argmax(-1) if kind == "categorical" else hard
+        return Draw(value, size=self.n_samples, density_value=density_value)
 
 
 class GumbelSoftmax(_Relaxation):
@@ -117,6 +116,15 @@ class GumbelSoftmax(_Relaxation):
         self._site = "?"
         self._unnamed_step = 0  # draws made before any site named the estimator
 
+    def for_site(self, site: str) -> "GumbelSoftmax":
+        """A copy for ``site`` that shares the schedule's step counter: the sites an
+        instance serves advance one schedule, once per training step."""
+        if self.name is None:
+            self.name = f"storch_pyro.estimator.{site}"
+        instance = super().for_site(site)
+        instance._site = site
+        return instance
+
     def check(self, site: str, fn: Distribution) -> None:
         super().check(site, fn)
         self._site = site
@@ -162,7 +170,8 @@ class GumbelSoftmax(_Relaxation):
             return tau
         return float(self.temperature)
 
-    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]):
+    def draw(self, site: Site) -> Draw:
+        fn, sample_shape = site.fn, site.sample_shape(self.n_samples)
         kind, logits = discrete_base(fn)
         tau = torch.tensor(self.current_temperature(), dtype=logits.dtype, device=logits.device)
         if torch.is_grad_enabled():  # evaluating the loss is not a training step
@@ -174,7 +183,7 @@ class GumbelSoftmax(_Relaxation):
             soft = RelaxedOneHotCategorical(tau, logits=logits).rsample(sample_shape)
             hard = _one_hot_argmax(soft)
         value = _straight_through(hard, soft) if self.hard else soft
-        return value, (kind, hard)
+        return self._draw(value, kind, hard)
 
     def __repr__(self) -> str:
         return (
@@ -195,7 +204,8 @@ class StraightThrough(_Relaxation):
         b = storch.sample("b", dist.Bernoulli(logits=phi), estimator=estimators.StraightThrough())
     """
 
-    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]):
+    def draw(self, site: Site) -> Draw:
+        fn, sample_shape = site.fn, site.sample_shape(self.n_samples)
         kind, logits = discrete_base(fn)
         if kind == "bernoulli":
             probs = torch.sigmoid(logits)
@@ -203,7 +213,7 @@ class StraightThrough(_Relaxation):
         else:
             probs = torch.softmax(logits, -1)
             hard = OneHotCategorical(probs=probs.detach()).sample(sample_shape)
-        return _straight_through(hard, probs), (kind, hard)
+        return self._draw(_straight_through(hard, probs), kind, hard)
 
     def __repr__(self) -> str:
         return "StraightThrough()"

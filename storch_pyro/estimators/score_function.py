@@ -1,11 +1,10 @@
 """The score-function (REINFORCE) estimator."""
 
-from typing import Optional, Tuple
+from typing import Optional
 
-import torch
 from torch.distributions import Distribution
 
-from storch_pyro.estimators.base import Estimator
+from storch_pyro.estimators.base import Draw, Estimator, Site
 
 
 class ScoreFunction(Estimator):
@@ -31,8 +30,6 @@ class ScoreFunction(Estimator):
                               n_samples=4, baseline=baselines.LeaveOneOut()))
     """
 
-    has_score = True
-
     def __init__(self, n_samples: int = 1, baseline: Optional["Baseline"] = None) -> None:  # noqa: F821
         super().__init__(n_samples)
         from storch_pyro.baselines import Baseline
@@ -52,8 +49,9 @@ class ScoreFunction(Estimator):
     def supports(cls, fn: Distribution) -> bool:
         return True
 
-    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]) -> Tuple[torch.Tensor, None]:
-        return fn.sample(sample_shape), None
+    def draw(self, site: Site) -> Draw:
+        value = site.fn.sample(site.sample_shape(self.n_samples))
+        return Draw(value, size=self.n_samples, score=site.log_prob(value))
 
     def __repr__(self) -> str:
         return f"ScoreFunction(n_samples={self.n_samples}, baseline={self._baseline!r})"

@@ -8,7 +8,7 @@ from torch.distributions import Distribution
 
 from storch_pyro.errors import UnsupportedDistributionError
 from storch_pyro.estimators._unordered_set_math import gumbel_top_k, unordered_set_weights
-from storch_pyro.estimators.base import Estimator
+from storch_pyro.estimators.base import Downstream, Draw, Estimator, Site, Terms
 from storch_pyro.estimators.relaxation import discrete_base
 
 
@@ -58,10 +58,6 @@ class UnorderedSet(Estimator):
                           estimator=estimators.UnorderedSet(n_samples=4))
     """
 
-    has_score = True
-    has_control_term = True
-    accepts_baseline = False
-
     def __init__(self, n_samples: int = 2, method: str = "auto") -> None:
         super().__init__(n_samples)
         if method not in ("auto", "exact", "quadrature"):
@@ -101,10 +97,12 @@ class UnorderedSet(Estimator):
             logits = torch.stack([-F.softplus(logits), -F.softplus(-logits)], -1)
         return kind, torch.log_softmax(logits, -1)
 
-    def draw(self, fn: Distribution, sample_shape: Tuple[int, ...]):
+    def draw(self, site: Site) -> Draw:
+        fn, k = site.fn, self.n_samples
+        sample_shape = site.sample_shape(k)
         kind, log_p = self._log_probs(fn)
         with torch.no_grad():
-            indices, _ = gumbel_top_k(log_p, self.n_samples)
+            indices, _ = gumbel_top_k(log_p, k)
             weights, baseline_weights = unordered_set_weights(
                 log_p, indices, method=self.method
             )
@@ -115,25 +113,22 @@ class UnorderedSet(Estimator):
             value = F.one_hot(value, log_p.shape[-1]).to(log_p.dtype)
         elif kind == "bernoulli":
             value = value.to(log_p.dtype)
-        return value, _Draw(kind, indices, weights, baseline_weights)
+        return Draw(value, size=k, weights=weights.movedim(-1, 0).reshape(shape),
+                    score=site.log_prob(value), builtin_baseline=True,
+                    state=_Draw(kind, indices, weights, baseline_weights))
 
-    def sample_weights(self, fn, value, log_prob, state: _Draw) -> torch.Tensor:
-        return state.weights.movedim(-1, 0).reshape(log_prob.shape)
-
-    def control_term(
-        self, fn: Distribution, state: _Draw, sample_dim: Optional[int],
-        downstream_cost: torch.Tensor,
-    ) -> torch.Tensor:
+    def surrogate(self, draw: Draw, downstream: Downstream) -> Optional[Terms]:
         """:math:`-\\sum_{s} w_s (\\log p(s) - \\bot\\log p(s))\\, B_s`: the baseline part of
         :math:`\\hat g` (the score part comes from the weighted, boxed costs)."""
         if self.n_samples == 1:
-            return downstream_cost.new_zeros(())
-        _, log_p = self._log_probs(fn)
+            return None
+        state, sample_dim = draw.state, downstream.site.sample_dim
+        _, log_p = self._log_probs(downstream.site.fn)
         log_p_set = log_p.gather(-1, state.indices)  # [*batch, k]
-        cost = downstream_cost.movedim(sample_dim, -1)  # [..., *batch, k]
+        cost = downstream.cost.movedim(sample_dim, -1)  # [..., *batch, k]
         baseline = (state.baseline_weights * cost[..., None, :]).sum(-1)
         term = -(state.weights * (log_p_set - log_p_set.detach()) * baseline).sum(-1)
-        return term.unsqueeze(sample_dim)
+        return Terms(control=term.unsqueeze(sample_dim))
 
     def __repr__(self) -> str:
         method = "" if self.method == "auto" else f", method={self.method!r}"

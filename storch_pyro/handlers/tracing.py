@@ -1,245 +1,26 @@
 """The internal messenger :class:`~storch_pyro.StorchELBO` installs around the guide and model.
 
 In one pass it draws every stochastic site with its estimator (allocating a sample dim left
-of all plates for sites with ``n_samples > 1``, as Pyro allocates enumeration dims), replays
-guide values into the model, and records what the surrogate loss needs: the score term of
-each stochastic node, and every cost with its plates and its position in execution order.
+of all plates for sites with several values, as Pyro allocates enumeration dims), replays
+guide values into the model, and records what the surrogate loss needs in a
+:class:`~storch_pyro.handlers.records.Run`: the score term of each stochastic node, and
+every cost with its plates and its position in execution order. Which estimator a site gets
+is :mod:`storch_pyro.handlers.resolution`'s job.
 """
 
-from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+from typing import Dict
 
 import torch
-from pyro.distributions import Independent, MaskedDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK, Message
 from pyro.poutine.subsample_messenger import _Subsample
 
-from storch_pyro.baselines import Baseline, _PyroAnnotation
 from storch_pyro.errors import MaskShapeError, StorchError
-from storch_pyro.estimators.base import Estimator
-from storch_pyro.estimators.pathwise import Pathwise
-from storch_pyro.estimators.score_function import ScoreFunction
-from storch_pyro.handlers.config import (
-    BaselineMessenger,
-    EstimatorMessenger,
-    _SiteConfigMessenger,
-)
-from storch_pyro.site_options import INFER_KEY
-
-#: A frame key: (name, dim, counter); dim is None for sequential plates.
-FrameKey = Tuple[str, Optional[int], int]
-SAMPLE_FRAME_PREFIX = "storch_pyro.samples:"
-
-_DEFAULT_PATHWISE = Pathwise()
-_DEFAULT_SCORE_FUNCTION = ScoreFunction()
-
-
-class NeedsPlateNesting(Exception):
-    """Raised (and caught by the loss) when a sample dim is needed before
-    ``max_plate_nesting`` is known."""
-
-
-@dataclass(slots=True)
-class Node:
-    """A stochastic site whose score term :math:`l_z` (``score``, ``None`` without one),
-    baseline or control term enters the surrogate. ``log_prob`` gives its batch shape: its
-    plates and the dims of every sample frame in ``ordinal`` (see :meth:`Run.on_frames`)."""
-
-    name: str
-    score: Optional[torch.Tensor]
-    log_prob: torch.Tensor
-    ordinal: FrozenSet[FrameKey]
-    seq: tuple
-    index: int
-    estimator: Estimator
-    baseline: Optional[Baseline]
-    fn: Any
-    state: Any
-    sample_dim: Optional[int]
-    own_frame: Optional[FrameKey]
-    weight: Any
-    #: With credit by data flow, the earlier nodes its distribution can depend on
-    #: (:mod:`storch_pyro.data_flow`); ``None`` with credit by order (all earlier nodes).
-    deps: Optional[FrozenSet[int]] = None
-    #: Where the site's own cost is ``sign * scale * mask * log q(z)`` of its sampling
-    #: distribution: the (detached) factor ``sign * scale * mask`` (see
-    #: :func:`~storch_pyro.surrogate.surrogate_loss`); ``None`` elsewhere.
-    direct: Optional[torch.Tensor] = None
-
-
-@dataclass(slots=True)
-class Cost:
-    """A cost ``sign * value`` (to minimize), reduced to its plate and sample dims."""
-
-    name: str
-    value: torch.Tensor
-    sign: float
-    ordinal: FrozenSet[FrameKey]
-    seq: tuple
-    n_before: int
-    weight: Any
-    #: With credit by data flow, the nodes the cost can depend on; ``None`` with credit by
-    #: order (the ``n_before`` nodes drawn before it).
-    deps: Optional[FrozenSet[int]] = None
-
-
-class Run:
-    """What one particle's guide and model passes record."""
-
-    def __init__(
-        self,
-        default_estimator: Optional[Estimator],
-        first_sample_dim: Optional[int],
-        args: Tuple[Any, ...],
-        kwargs: Dict[str, Any],
-    ) -> None:
-        self.default_estimator = default_estimator
-        self.next_sample_dim = first_sample_dim
-        self.max_plate_nesting = None if first_sample_dim is None else -first_sample_dim - 1
-        self.args = args
-        self.kwargs = kwargs
-        self.nodes: List[Node] = []
-        self.costs: List[Cost] = []
-        self.sample_frames: List[Tuple[int, int, FrameKey]] = []
-        #: Weight of each sample frame's samples: 1/k, or a tensor along its dim.
-        self.frame_weights: Dict[FrameKey, Any] = {}
-        #: Plates a cost must be in to carry a sample frame with per-plate-index weights.
-        self.frame_plates: Dict[FrameKey, FrozenSet[FrameKey]] = {}
-        self.guide_values: Dict[str, torch.Tensor] = {}
-        #: Where a relaxed value stands in for a discrete one: the value densities see.
-        self.density_values: Dict[str, torch.Tensor] = {}
-        #: Sites whose estimator computes their log-densities itself: (estimator, state).
-        self.density_owners: Dict[str, Tuple[Estimator, Any]] = {}
-        #: Each site drawn so far: (estimator, distribution), for error messages.
-        self.drawn: Dict[str, Tuple[Estimator, Any]] = {}
-        #: Each pass's sample messages (by role), for Pyro's checks on validated steps.
-        self.messages: Dict[str, List[Message]] = {}
-        #: The first mask that did not broadcast to its site's log-density, raised after
-        #: the model has run (see :meth:`raise_deferred`).
-        self.deferred_error: Optional[Exception] = None
-        #: Credit by data flow: the provenance of the run's tensors
-        #: (:class:`~storch_pyro.data_flow.DataFlow`); ``None`` for credit by order.
-        self.flow: Any = None
-
-    def raise_deferred(self) -> None:
-        """Raises the error recorded for a mask of the wrong shape, if any.
-
-        Pyro's losses compute log-densities (and apply masks) only after the guide and
-        the model have run, so an error the program raises itself comes first, e.g.
-        ``pyro.sample(..., obs_mask=)``'s ``Invalid obs_mask shape``. StorchELBO records
-        each site as it runs; it defers a mask error to this point so that the same error
-        comes first."""
-        if self.deferred_error is not None:
-            raise self.deferred_error
-
-    def structure(self) -> tuple:
-        """The sequence of cost and stochastic-site names: what identifies a model
-        structure between steps."""
-        return tuple(cost.name for cost in self.costs) + tuple(n.name for n in self.nodes)
-
-    def check_batch_shape(
-        self, site: str, batch_shape: torch.Size, n_samples: int, stack=()
-    ) -> None:
-        """Dims of a site left of ``max_plate_nesting`` must be earlier sites' sample dims:
-        anything else (a plate in ``stack``, an undeclared batch dim) would silently mix
-        with them."""
-        if self.max_plate_nesting is None:
-            return
-        for frame in stack:
-            if frame.dim is not None and -frame.dim > self.max_plate_nesting:
-                raise StorchError(
-                    f"site '{site}': plate '{frame.name}' is at dim {frame.dim}, left of "
-                    f"max_plate_nesting={self.max_plate_nesting}, where sample dims of "
-                    f"multi-sample sites go (plate stack overflow). Raise "
-                    f"StorchELBO(max_plate_nesting=...) to at least {-frame.dim}, or leave "
-                    f"it out to have it guessed."
-                )
-        sizes = {dim: size for dim, size, _ in self.sample_frames}
-        for dim in range(-len(batch_shape), -self.max_plate_nesting):
-            size = batch_shape[dim]
-            if size != 1 and sizes.get(dim) != size:
-                raise StorchError(
-                    f"site '{site}': its batch shape {tuple(batch_shape)} has size {size} at "
-                    f"dim {dim}, left of max_plate_nesting={self.max_plate_nesting}, where "
-                    f"sample dims of multi-sample sites go"
-                    + (f" (this site asks for n_samples={n_samples})" if n_samples > 1 else "")
-                    + ". Declare batch dims with pyro.plate, or raise "
-                    "StorchELBO(max_plate_nesting=...)."
-                )
-
-    def allocate_sample_dim(self, site: str, n_samples: int) -> Tuple[int, FrameKey]:
-        if self.next_sample_dim is None:
-            raise NeedsPlateNesting(site)
-        dim = self.next_sample_dim
-        self.next_sample_dim -= 1
-        key = (SAMPLE_FRAME_PREFIX + site, dim, 0)
-        self.sample_frames.append((dim, n_samples, key))
-        self.frame_weights[key] = 1.0 / n_samples
-        return dim, key
-
-    def weight_of(self, ordinal) -> Any:
-        """Product of the sample weights of the sample frames in ``ordinal``."""
-        weight = 1.0
-        for key in ordinal:
-            frame_weight = self.frame_weights.get(key)
-            if frame_weight is not None:
-                weight = weight * frame_weight
-        return weight
-
-    def on_frames(self, tensor: torch.Tensor, ordinal) -> torch.Tensor:
-        """``tensor`` expanded (a view) to the sizes of the sample frames in ``ordinal``.
-
-        A site's ordinal may hold a frame whose dim its own values lack: with ``a`` drawn
-        ``k`` times, ``b`` enumerated (its support unexpanded, its weights
-        :math:`q(b \\mid a_i)` along both dims) and ``c`` drawn per value of ``b``, the
-        weights of ``c``'s samples carry ``a``'s dim although ``c``'s log-density does not.
-        ``c``'s downstream costs differ along that dim, so its baseline and control terms
-        are computed on the expanded shape and weighted there by
-        :math:`\\tfrac1k\\, q(b \\mid a_i)`."""
-        shape = list(tensor.shape)
-        for dim, size, key in self.sample_frames:
-            if key in ordinal:
-                if len(shape) < -dim:
-                    shape = [1] * (-dim - len(shape)) + shape
-                shape[dim] = size
-        return tensor if tensor.shape == tuple(shape) else tensor.expand(shape)
-
-    def frames_of(self, tensor: torch.Tensor, stack, site: str = "") -> Tuple[Any, tuple, Any]:
-        """(ordinal, sequential frames, sample weight) of a tensor recorded at a site: the
-        sample frames whose dims the tensor has, and those whose dims the weights of these
-        have (an enumerated site's weights q(z | g) depend on an upstream sample of g even
-        where a cost of z does not)."""
-        keys = [(f.name, f.dim, f.counter) for f in stack]
-        weight = 1.0
-        if self.sample_frames:
-            plates = frozenset(keys)
-            included = []
-            shapes = [tensor.shape]
-            while shapes:
-                shape = shapes.pop()
-                for dim, size, key in self.sample_frames:
-                    if key in included or len(shape) < -dim or shape[dim] == 1:
-                        continue
-                    included.append(key)
-                    frame_weight = self.frame_weights[key]
-                    weight = weight * frame_weight
-                    if isinstance(frame_weight, torch.Tensor):
-                        shapes.append(frame_weight.shape)
-                    needed = self.frame_plates.get(key)
-                    if needed is not None and not needed <= plates:
-                        raise StorchError(
-                            f"site '{site}' depends on the samples of "
-                            f"'{key[0][len(SAMPLE_FRAME_PREFIX):]}', whose sample weights "
-                            f"differ across the indices of plate(s) "
-                            f"{sorted(k[0] for k in needed - plates)}, outside those plates. "
-                            f"Move '{site}' inside them, or give that site an estimator that "
-                            f"samples (e.g. ScoreFunction)."
-                        )
-            keys.extend(included)
-        seq = tuple((f.name, f.counter) for f in stack if f.dim is None)
-        return frozenset(keys), seq, weight
+from storch_pyro.estimators.base import Site, adds_terms, log_prob_error, without_masks
+from storch_pyro.handlers.config import _SiteConfigMessenger
+from storch_pyro.handlers.records import SAMPLE_FRAME_PREFIX, Cost, FrameKey, Node, Run
+from storch_pyro.handlers.resolution import SiteConfig, resolve_site
 
 
 class StorchMessenger(Messenger):
@@ -258,14 +39,15 @@ class StorchMessenger(Messenger):
         self.run = run
         self.role = role
         self._messages = run.messages.setdefault(role, [])
-        self._pending: Dict[str, Tuple[Estimator, Optional[Baseline], Optional[int], Any]] = {}
+        self._pending: Dict[str, tuple] = {}
 
     # ---- drawing -------------------------------------------------------------------------
     def _pyro_sample(self, msg: Message) -> None:
         name = msg["name"]
+        run = self.run
         if self.role == "model":
-            if not msg["is_observed"] and name in self.run.guide_values:
-                msg["value"] = self.run.guide_values[name]
+            if not msg["is_observed"] and name in run.guide_values:
+                msg["value"] = run.guide_values[name]
                 msg["done"] = True
                 for handler in _PYRO_STACK:
                     if isinstance(handler, _SiteConfigMessenger):
@@ -273,32 +55,30 @@ class StorchMessenger(Messenger):
                 return
         if msg["is_observed"] or msg["done"] or type(msg["fn"]) is _Subsample:
             return
-        estimator, baseline = resolve_site(msg, self.run.default_estimator)
+        config = resolve_site(msg, run.default_estimator)
+        estimator = config.estimator
         fn = msg["fn"]
-        self.run.drawn[name] = (estimator, fn)
+        run.drawn[name] = (estimator, fn)
         estimator.check(name, fn)
-        k = estimator.sample_size(fn)
-        sample_dim = None
+        stack = msg["cond_indep_stack"]
+
+        def check_batch_shape() -> None:
+            run.check_batch_shape(name, fn.batch_shape, estimator.n_samples, stack)
+
+        if run.sample_frames:
+            check_batch_shape()
+        site = Site(name, fn, run.next_sample_dim, run.max_plate_nesting, run.args, run.kwargs,
+                    None if run.sample_frames else check_batch_shape)
+        draw = estimator.draw(site)
+        baseline = config.baseline_for(name, estimator, draw)
         own_frame = None
-        sample_shape: Tuple[int, ...] = ()
-        if k > 1 or self.run.sample_frames:
-            self.run.check_batch_shape(
-                name, fn.batch_shape, estimator.n_samples, msg["cond_indep_stack"]
-            )
-        if k > 1:
-            sample_dim, own_frame = self.run.allocate_sample_dim(name, k)
-            batch_rank = len(fn.batch_shape)
-            room = -sample_dim - 1
-            if batch_rank > room:  # only leading dims of size 1 can reach that far
-                raise StorchError(
-                    f"site '{name}': its batch shape {tuple(fn.batch_shape)} has more dims "
-                    f"than max_plate_nesting={self.run.max_plate_nesting} plus earlier sample "
-                    f"dims; squeeze its leading dims of size 1."
-                )
-            sample_shape = (k,) + (1,) * (room - batch_rank)
-        msg["value"], state = estimator.draw_site(name, fn, sample_shape)
+        if draw.size > 1:
+            site.sample_dim, own_frame = run.allocate_sample_dim(name, draw.size)
+        else:
+            site.sample_dim = None
+        msg["value"] = draw.value
         msg["done"] = True
-        self._pending[name] = (estimator, baseline, sample_dim, own_frame, state)
+        self._pending[name] = (estimator, baseline, site, draw, own_frame)
 
     # ---- recording -----------------------------------------------------------------------
     def _pyro_post_sample(self, msg: Message) -> None:
@@ -315,31 +95,32 @@ class StorchMessenger(Messenger):
             return
         pending = self._pending.pop(name, None)
         stack = msg["cond_indep_stack"]
-        log_prob = None
-        density_value = value
+        site = draw = None
         if pending is not None:
-            log_prob = pending[0].log_density(fn, value, pending[4])
-            if log_prob is not None:
-                run.density_owners[name] = (pending[0], pending[4])
-            else:
-                density_value = pending[0].density_value(fn, value, pending[4])
-                if density_value is not value:
-                    run.density_values[name] = density_value
+            estimator, baseline, site, draw, own_frame = pending
+            density_value = value if draw.density_value is None else draw.density_value
+            owner = draw.log_density
+            if owner is not None:
+                run.density_owners[name] = owner
+            elif density_value is not value:
+                run.density_values[name] = density_value
         else:
             density_value = run.density_values.get(name, value) if self.role == "model" else value
             owner = run.density_owners.get(name) if self.role == "model" else None
-            if owner is not None:
-                log_prob = owner[0].log_density(fn, value, owner[1])
-        owned = log_prob is not None  # an estimator's own log-density (it handles masks)
-        if not owned:
+        owned = owner is not None  # an estimator's own log-density (it handles masks)
+        if owned:
+            log_prob = unmasked = owner(fn, value)
+        elif site is not None and without_masks(fn) is fn:
+            log_prob = unmasked = site.log_prob(density_value)  # the draw's, if it took it
+        else:
             try:
                 log_prob = fn.log_prob(density_value)
             except ValueError as error:  # as poutine.trace reports it, naming the site
-                raise ValueError(
-                    f"Error while computing log_prob at site '{name}':\n{error}\nCheck that "
-                    f"the value (observed data, or the guide's sample) is in the support of "
-                    f"the site's distribution, with a shape that broadcasts to its batch shape."
-                ) from error
+                raise log_prob_error(name, error) from error
+            # A mask removes log-density terms from the costs, never the expectation over
+            # the site: the score term and sample weights use the unmasked density (as
+            # Pyro's ScoreParts.scale_and_mask leaves score_function unmasked).
+            unmasked = None if site is None else site.log_prob(density_value)
         try:
             masked = scale_and_mask(log_prob, 1.0, msg["mask"])
         except RuntimeError as error:
@@ -352,21 +133,15 @@ class StorchMessenger(Messenger):
                 run.guide_values[name] = value
             return
         if pending is not None:
-            estimator, baseline, sample_dim, own_frame, state = pending
-            # A mask removes log-density terms from the costs, never the expectation over
-            # the site: the score term and sample weights use the unmasked density (as
-            # Pyro's ScoreParts.scale_and_mask leaves score_function unmasked).
-            unmasked = log_prob if owned else _unmasked_log_prob(fn, density_value, log_prob)
-            if own_frame is not None:
-                weights = estimator.sample_weights(fn, value, unmasked, state)
-                if weights is not None:
-                    run.frame_weights[own_frame] = weights
-                    varying = frozenset(
-                        (f.name, f.dim, f.counter) for f in stack if f.dim is not None
-                        and weights.dim() >= -f.dim and weights.shape[f.dim] > 1
-                    )
-                    if varying:
-                        run.frame_plates[own_frame] = varying
+            if own_frame is not None and draw.weights is not None:
+                weights = draw.weights
+                run.frame_weights[own_frame] = weights
+                varying = frozenset(
+                    (f.name, f.dim, f.counter) for f in stack if f.dim is not None
+                    and weights.dim() >= -f.dim and weights.shape[f.dim] > 1
+                )
+                if varying:
+                    run.frame_plates[own_frame] = varying
             ordinal, seq, weight = run.frames_of(log_prob, stack, name)
             if self.role == "guide":
                 run.guide_values[name] = value
@@ -376,22 +151,20 @@ class StorchMessenger(Messenger):
                 # What the site's distribution (and so its value) can depend on.
                 provenance = flow.of((log_prob, unmasked, value, weight))
                 deps = flow.resolve(provenance, len(run.nodes), name)
-            if estimator.has_score or estimator.has_control_term:
-                score = None
-                if estimator.has_score:
-                    score = estimator.score_term(fn, value, unmasked, state)
+            score = draw.score
+            if score is not None or adds_terms(estimator):
                 direct = None
-                if (flow is not None and type(estimator) is ScoreFunction
-                        and self.role != "scg" and not owned
-                        and density_value is value
+                if (flow is not None and score is unmasked and self.role != "scg"
                         and not isinstance(run.frame_weights.get(own_frame), torch.Tensor)):
+                    # the score is the site's own log-density: cancel the direct gradient
+                    # of its cost (see surrogate._direct_term)
                     sign = 1.0 if self.role == "guide" else -1.0
                     direct = scale_and_mask(torch.full_like(log_prob, sign), msg["scale"],
                                             msg["mask"]).detach()
                 run.nodes.append(
                     Node(name, score, run.on_frames(masked, ordinal), ordinal, seq,
-                         len(run.nodes), estimator,
-                         baseline, fn, state, sample_dim, own_frame, weight, deps, direct)
+                         len(run.nodes), estimator, baseline, site, draw, own_frame, weight,
+                         deps, direct)
                 )
                 if deps is not None:
                     deps = deps | {len(run.nodes) - 1}
@@ -434,73 +207,6 @@ class StorchMessenger(Messenger):
         )
 
 
-def resolve_site(
-    msg: Message, default_estimator: Optional[Estimator]
-) -> Tuple[Estimator, Optional[Baseline]]:
-    """The site's estimator and baseline, by the precedence rules of
-    :func:`storch_pyro.handlers.estimator` and :func:`storch_pyro.handlers.baseline`."""
-    configs = [h for h in reversed(_PYRO_STACK) if isinstance(h, _SiteConfigMessenger)]
-    for handler in configs:
-        handler.drawn.add(msg["name"])
-    options = msg["infer"].get(INFER_KEY)
-    estimator = options.estimator if options is not None else None
-    baseline = options.baseline if options is not None else None
-    explicit_baseline = baseline is not None
-    if estimator is None:
-        for handler in configs:
-            if type(handler) is EstimatorMessenger:
-                estimator = handler.lookup(msg)
-                if estimator is not None:
-                    break
-    if estimator is None:
-        estimator = default_estimator
-    if estimator is None:
-        estimator = (
-            _DEFAULT_PATHWISE if msg["fn"].has_rsample else _DEFAULT_SCORE_FUNCTION
-        )
-    if baseline is None:
-        baseline = estimator.baseline
-        explicit_baseline = baseline is not None
-    if baseline is None and "baseline" in msg["infer"]:
-        # Like TraceGraph_ELBO, ignore the annotation where there is no score term.
-        baseline = _annotated_baseline(msg)
-    if baseline is None:
-        for handler in configs:
-            if type(handler) is BaselineMessenger:
-                baseline = handler.lookup(msg)
-                if baseline is not None:
-                    explicit_baseline = isinstance(handler.config, dict)
-                    break
-    if baseline is not None:
-        if not (estimator.has_score and estimator.accepts_baseline):
-            if explicit_baseline:
-                reason = (
-                    "has a built-in baseline" if estimator.has_score
-                    else "has no score-function term for it to apply to"
-                )
-                raise StorchError(
-                    f"site '{msg['name']}': a baseline was given, but its estimator "
-                    f"{type(estimator).__name__} {reason}. Remove the baseline or use e.g. "
-                    f"ScoreFunction."
-                )
-            baseline = None
-        else:
-            baseline.check(msg["name"], estimator.n_samples)
-    return estimator, baseline
-
-def _annotated_baseline(msg: Message) -> Optional[Baseline]:
-    options = msg["infer"]["baseline"]
-    if not options:
-        return None
-    name = msg["name"]
-    # Rebuilt each step: nn_baseline_input and baseline_value change with the data.
-    baseline = _PyroAnnotation(name, dict(options))
-    if not (baseline.use_average or baseline.nn_baseline is not None
-            or baseline.value is not None):
-        return None
-    return baseline
-
-
 def _mask_shape_error(name: str, mask: torch.Tensor, log_prob: torch.Tensor) -> MaskShapeError:
     return MaskShapeError(
         f"site '{name}': its mask of shape {tuple(mask.shape)} (from poutine.mask, or "
@@ -509,23 +215,6 @@ def _mask_shape_error(name: str, mask: torch.Tensor, log_prob: torch.Tensor) -> 
         f"with one value per batch element (no event dims), broadcastable to "
         f"{tuple(log_prob.shape)}."
     )
-
-
-def _unmasked_log_prob(fn, value: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
-    """``log_prob`` of ``fn`` at ``value`` without the masks of any
-    :class:`~pyro.distributions.MaskedDistribution` in ``fn`` (``fn.mask(...)``), reusing
-    ``log_prob`` when ``fn`` has none."""
-    unmasked = _without_masks(fn)
-    return log_prob if unmasked is fn else unmasked.log_prob(value)
-
-
-def _without_masks(fn):
-    if isinstance(fn, MaskedDistribution):
-        return _without_masks(fn.base_dist)
-    if isinstance(fn, Independent):
-        base = _without_masks(fn.base_dist)
-        return fn if base is fn.base_dist else Independent(base, fn.reinterpreted_batch_ndims)
-    return fn
 
 
 def _check_cost_shape(name: str, value: torch.Tensor, stack) -> None:
@@ -562,3 +251,15 @@ def _reduce_to_frames(value: torch.Tensor, stack, run: Run) -> torch.Tensor:
         if tuple(shape) != tuple(value.shape):
             value = value.expand(shape)
     return value
+
+
+__all__ = [
+    "SAMPLE_FRAME_PREFIX",
+    "Cost",
+    "FrameKey",
+    "Node",
+    "Run",
+    "SiteConfig",
+    "StorchMessenger",
+    "resolve_site",
+]

@@ -1,0 +1,139 @@
+"""Site resolution: which estimator and baseline a stochastic site gets, by the precedence
+rules of :func:`storch_pyro.handlers.estimator` and :func:`storch_pyro.handlers.baseline`,
+and the per-site estimator instances."""
+
+import weakref
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+from pyro.poutine.runtime import _PYRO_STACK, Message
+
+from storch_pyro.baselines import Baseline, _PyroAnnotation
+from storch_pyro.errors import StorchError
+from storch_pyro.estimators.base import Draw, Estimator
+from storch_pyro.estimators.pathwise import Pathwise
+from storch_pyro.estimators.score_function import ScoreFunction
+from storch_pyro.handlers.config import (
+    BaselineMessenger,
+    EstimatorMessenger,
+    _SiteConfigMessenger,
+)
+from storch_pyro.site_options import INFER_KEY
+
+_DEFAULT_PATHWISE = Pathwise()
+_DEFAULT_SCORE_FUNCTION = ScoreFunction()
+
+
+#: The per-site instances of each configured estimator: ``{estimator: {site: instance}}``.
+_PER_SITE: "weakref.WeakKeyDictionary[Estimator, Dict[str, Estimator]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def instance_for_site(estimator: Estimator, site: str) -> Estimator:
+    """The instance of ``estimator`` that serves ``site``: made once per site by
+    :meth:`~storch_pyro.estimators.base.Estimator.for_site` and cached (as Pyro's
+    reparameterization strategies cache their per-site objects), so an instance given for
+    several sites (a handler's config, ``default_estimator``) keeps per-site attributes per
+    site, and the same site gets the same instance at every step.
+
+    Example::
+
+        shared = estimators.GumbelSoftmax(0.5)
+        assert instance_for_site(shared, "a") is instance_for_site(shared, "a")
+        assert instance_for_site(shared, "a") is not instance_for_site(shared, "b")
+    """
+    instances = _PER_SITE.get(estimator)
+    if instances is None:
+        if getattr(estimator, "_serves_site", None) == site:  # already a per-site instance
+            return estimator
+        instances = _PER_SITE[estimator] = {}
+    instance = instances.get(site)
+    if instance is None:
+        instance = instances[site] = estimator.for_site(site)
+        instance._serves_site = site
+    return instance
+
+
+@dataclass
+class SiteConfig:
+    """A site's estimator and baseline, as :func:`resolve_site` chose them."""
+
+    estimator: Estimator
+    baseline: Optional[Baseline]
+    #: Whether the baseline was named for this site (an error where it cannot apply),
+    #: rather than by a callable config or an annotation (ignored there).
+    explicit_baseline: bool
+
+    def baseline_for(self, site: str, estimator: Estimator, draw: Draw) -> Optional[Baseline]:
+        """The baseline, where the draw has a score term for it to apply to and no baseline
+        of its own (:attr:`Draw.builtin_baseline`)."""
+        baseline = self.baseline
+        if baseline is None:
+            return None
+        if draw.score is None or draw.builtin_baseline:
+            if self.explicit_baseline:
+                reason = (
+                    "has a built-in baseline" if draw.score is not None
+                    else "has no score-function term for it to apply to"
+                )
+                raise StorchError(
+                    f"site '{site}': a baseline was given, but its estimator "
+                    f"{type(estimator).__name__} {reason}. Remove the baseline or use e.g. "
+                    f"ScoreFunction."
+                )
+            return None
+        baseline.check(site, estimator.n_samples)
+        return baseline
+
+
+def resolve_site(msg: Message, default_estimator: Optional[Estimator]) -> SiteConfig:
+    """The site's estimator and baseline, by the precedence rules of
+    :func:`storch_pyro.handlers.estimator` and :func:`storch_pyro.handlers.baseline`."""
+    configs = [h for h in reversed(_PYRO_STACK) if isinstance(h, _SiteConfigMessenger)]
+    for handler in configs:
+        handler.drawn.add(msg["name"])
+    options = msg["infer"].get(INFER_KEY)
+    estimator = options.estimator if options is not None else None
+    baseline = options.baseline if options is not None else None
+    explicit_baseline = baseline is not None
+    if estimator is None:
+        for handler in configs:
+            if type(handler) is EstimatorMessenger:
+                estimator = handler.lookup(msg)
+                if estimator is not None:
+                    break
+    if estimator is None:
+        estimator = default_estimator
+    if estimator is None:
+        estimator = (
+            _DEFAULT_PATHWISE if msg["fn"].has_rsample else _DEFAULT_SCORE_FUNCTION
+        )
+    estimator = instance_for_site(estimator, msg["name"])
+    if baseline is None:
+        baseline = estimator.baseline
+        explicit_baseline = baseline is not None
+    if baseline is None and "baseline" in msg["infer"]:
+        # Like TraceGraph_ELBO, ignore the annotation where there is no score term.
+        baseline = _annotated_baseline(msg)
+    if baseline is None:
+        for handler in configs:
+            if type(handler) is BaselineMessenger:
+                baseline = handler.lookup(msg)
+                if baseline is not None:
+                    explicit_baseline = isinstance(handler.config, dict)
+                    break
+    return SiteConfig(estimator, baseline, explicit_baseline)
+
+
+def _annotated_baseline(msg: Message) -> Optional[Baseline]:
+    options = msg["infer"]["baseline"]
+    if not options:
+        return None
+    name = msg["name"]
+    # Rebuilt each step: nn_baseline_input and baseline_value change with the data.
+    baseline = _PyroAnnotation(name, dict(options))
+    if not (baseline.use_average or baseline.nn_baseline is not None
+            or baseline.value is not None):
+        return None
+    return baseline
