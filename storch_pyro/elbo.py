@@ -19,7 +19,7 @@ from storch_pyro.data_flow import DataFlow
 from storch_pyro.errors import NonFiniteCostError
 from storch_pyro.estimators.base import Estimator
 from storch_pyro.handlers.records import Run
-from storch_pyro.handlers.resolution import resolve_site
+from storch_pyro.handlers.resolution import outer_config_handlers, resolve_site
 from storch_pyro.handlers.tracing import StorchMessenger
 from storch_pyro.param_state import param_store_state
 from storch_pyro.sample_dims import (
@@ -271,10 +271,9 @@ class StorchELBO(ELBO):
     def _runs(self, model, guide, args, kwargs) -> Iterator[Run]:
         """One :class:`Run` per particle (a single one when vectorized)."""
         check_guide_supported(guide)
-        if self.max_plate_nesting == float("inf"):
-            # Before any draw that is returned: a run aborted where a sample dim is first
-            # needed and drawn again would condition the estimate on its first sites.
-            self._guess_max_plate_nesting(model, guide, args, kwargs)
+        # Before any draw that is returned: a run aborted where a sample dim is first needed
+        # and drawn again would condition the estimate on its first sites.
+        self._ensure_max_plate_nesting(model, guide, args, kwargs)
         if self.vectorize_particles and self.num_particles > 1:
             model = self._vectorized_num_particles(model)
             if guide is not None:
@@ -320,16 +319,18 @@ class StorchELBO(ELBO):
 
     def _get_trace(self, model, guide, args, kwargs) -> Run:
         """One particle's record (the hook :class:`pyro.infer.ELBO` asks for)."""
-        if self.max_plate_nesting == float("inf"):
-            self._guess_max_plate_nesting(model, guide, args, kwargs)
+        self._ensure_max_plate_nesting(model, guide, args, kwargs)
         return self._run(model, guide, args, kwargs)
 
-    def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
-        """Sets ``max_plate_nesting`` from one run without sample dims: the deepest plate
+    def _ensure_max_plate_nesting(self, model, guide, args, kwargs) -> None:
+        """Unless it is known, sets ``max_plate_nesting`` from one run without sample dims:
+        the deepest plate
         dim, or the largest batch rank of any site or cost if that is larger (so sample dims
         never collide with undeclared batch dims). With vectorized particles this run draws
         random numbers, as Pyro's guess does; otherwise the random number generators are
         restored after it, so the step draws what it would have drawn without it."""
+        if self.max_plate_nesting != float("inf"):
+            return
         vectorized = self.vectorize_particles and self.num_particles > 1
         probe = _NestingProbe(self.default_estimator)
         with _rng_restored(not vectorized), poutine.block(), explain_errors(
@@ -384,11 +385,17 @@ class _NestingProbe(Messenger):
         self.default_estimator = default_estimator
         self.nesting = 0
         self.values: dict = {}
+        self._outer: list = []
+
+    def __enter__(self):
+        result = super().__enter__()
+        self._outer = outer_config_handlers(self)
+        return result
 
     def _pyro_sample(self, msg) -> None:
         if msg["is_observed"] or msg["done"] or type(msg["fn"]) is _Subsample:
             return
-        estimator = resolve_site(msg, self.default_estimator).estimator
+        estimator = resolve_site(msg, self.default_estimator, self._outer).estimator
         estimator.check(msg["name"], msg["fn"])
         msg["value"] = estimator.example_value(msg["fn"])
         msg["done"] = True

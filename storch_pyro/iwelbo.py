@@ -25,7 +25,7 @@ from storch_pyro.errors import StorchError
 from storch_pyro.estimators.base import Estimator
 from storch_pyro.estimators.pathwise import Pathwise
 from storch_pyro.estimators.score_function import ScoreFunction
-from storch_pyro.handlers.resolution import resolve_site
+from storch_pyro.handlers.resolution import outer_config_handlers, resolve_site
 
 
 def vimco_log_baselines(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -98,20 +98,26 @@ def _shifted_baselines(shifted: torch.Tensor, dim: int) -> torch.Tensor:
 
 class _SiteChoices(Messenger):
     """Resolves each unobserved guide site's estimator (the precedence rules of
-    :func:`~storch_pyro.handlers.tracing.resolve_site`), checks that IWELBO can use it, draws
+    :func:`~storch_pyro.handlers.resolution.resolve_site`), checks that IWELBO can use it, draws
     score-function sites without a gradient path, and records their names."""
 
     def __init__(self, default_estimator: Optional[Estimator]) -> None:
         super().__init__()
         self.default_estimator = default_estimator
         self.score_sites: Set[str] = set()
+        self._outer: list = []
+
+    def __enter__(self):
+        result = super().__enter__()
+        self._outer = outer_config_handlers(self)
+        return result
 
     def _pyro_sample(self, msg: Message) -> None:
         if (msg["is_observed"] or msg["done"] or msg["value"] is not None
                 or type(msg["fn"]) is _Subsample):
             return
         name, fn = msg["name"], msg["fn"]
-        config = resolve_site(msg, self.default_estimator)
+        config = resolve_site(msg, self.default_estimator, self._outer)
         estimator, baseline = config.estimator, config.baseline
         if isinstance(estimator, Pathwise):
             estimator.check(name, fn)

@@ -1,30 +1,41 @@
 """The user-facing handlers: choose estimators and baselines per site from outside a model."""
 
 import warnings
+from dataclasses import replace
 from typing import Any, Callable, Dict, Optional, Set, Union
 
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
+from pyro.poutine.subsample_messenger import _Subsample
 
 from storch_pyro.baselines import Baseline
 from storch_pyro.errors import UnusedConfigWarning
 from storch_pyro.estimators.base import Estimator
+from storch_pyro.site_options import DRAWN, INFER_KEY, SiteOptions
+
+_NO_OPTIONS = SiteOptions()
 
 
 class _SiteConfigMessenger(Messenger):
     """Common part of :class:`EstimatorMessenger` and :class:`BaselineMessenger`.
 
-    These messengers do not change messages: :class:`~storch_pyro.StorchELBO` asks every
-    active one, innermost first, when a stochastic site is drawn (so they work inside or
-    outside the model, around ``svi.step``, or as decorators). They only note which
-    names pass by as unobserved sample sites, and which a loss draws or replays from the
-    guide, to warn about names that configure nothing: misspelled, observed,
-    or (when the handler decorates the model) sites that are drawn in the guide.
+    A handler writes its choice for an unobserved sample site into the site's typed
+    options in ``msg["infer"]`` (:class:`~storch_pyro.site_options.SiteOptions`), unless a
+    handler inside it wrote one already, so that the innermost choice wins. A handler around
+    the loss (e.g. around ``svi.step``) sees a site only after the loss's messenger, which
+    is inside it, drew the site: the loss asks such handlers itself, innermost first
+    (:func:`~storch_pyro.handlers.resolution.outer_config_handlers`). So handlers work
+    inside or outside the model, around ``svi.step``, or as decorators. They also note
+    which names pass by as unobserved sample sites, and which a loss drew or replayed from
+    the guide (the options' ``status``), to warn about names that configure nothing:
+    misspelled, observed, or (when the handler decorates the model) sites that are drawn in
+    the guide.
     """
 
     _kind = ""
     _type: type = object
     _example = ""
+    _field = ""  # the SiteOptions field the handler writes
 
     def __init__(self, config: Union[Dict[str, Any], Callable[[Message], Any]]) -> None:
         super().__init__()
@@ -68,8 +79,26 @@ class _SiteConfigMessenger(Messenger):
         return value
 
     def _pyro_sample(self, msg: Message) -> None:
-        if not msg["is_observed"] and isinstance(self.config, dict):
+        if msg["is_observed"]:
+            return
+        if isinstance(self.config, dict):
             self._seen.add(msg["name"])
+        if msg["done"] or type(msg["fn"]) is _Subsample:  # drawn or replayed already
+            return
+        options = msg["infer"].get(INFER_KEY) or _NO_OPTIONS
+        if getattr(options, self._field) is not None:  # an inner handler chose
+            return
+        value = self.lookup(msg)
+        if value is not None:
+            msg["infer"][INFER_KEY] = replace(options, **self._choice(value))
+
+    def _choice(self, value: Any) -> Dict[str, Any]:
+        return {self._field: value}
+
+    def _pyro_post_sample(self, msg: Message) -> None:
+        options = msg["infer"].get(INFER_KEY)
+        if options is not None and options.status is not None:
+            (self.drawn if options.status == DRAWN else self.replayed).add(msg["name"])
 
     def __enter__(self):
         self._reset_names()
@@ -109,6 +138,7 @@ class EstimatorMessenger(_SiteConfigMessenger):
     _kind = "estimator"
     _type = Estimator
     _example = "estimators.ScoreFunction()"
+    _field = "handler_estimator"
 
 
 class BaselineMessenger(_SiteConfigMessenger):
@@ -123,6 +153,10 @@ class BaselineMessenger(_SiteConfigMessenger):
     _kind = "baseline"
     _type = Baseline
     _example = "baselines.MovingAverage()"
+    _field = "handler_baseline"
+
+    def _choice(self, value: Any) -> Dict[str, Any]:
+        return {self._field: value, "handler_baseline_named": isinstance(self.config, dict)}
 
 
 def estimator(

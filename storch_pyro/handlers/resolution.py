@@ -3,9 +3,10 @@ rules of :func:`storch_pyro.handlers.estimator` and :func:`storch_pyro.handlers.
 and the per-site estimator instances."""
 
 import weakref
-from dataclasses import dataclass
-from typing import Dict, Optional
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Sequence
 
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK, Message
 
 from storch_pyro.baselines import Baseline, _PyroAnnotation
@@ -18,10 +19,11 @@ from storch_pyro.handlers.config import (
     EstimatorMessenger,
     _SiteConfigMessenger,
 )
-from storch_pyro.site_options import INFER_KEY
+from storch_pyro.site_options import DRAWN, INFER_KEY, REPLAYED, SiteOptions
 
 _DEFAULT_PATHWISE = Pathwise()
 _DEFAULT_SCORE_FUNCTION = ScoreFunction()
+_NO_OPTIONS = SiteOptions()
 
 
 #: The per-site instances of each configured estimator: ``{estimator: {site: instance}}``.
@@ -87,18 +89,33 @@ class SiteConfig:
         return baseline
 
 
-def resolve_site(msg: Message, default_estimator: Optional[Estimator]) -> SiteConfig:
+def outer_config_handlers(messenger: Messenger) -> List[_SiteConfigMessenger]:
+    """The estimator and baseline handlers active around ``messenger`` (below it on Pyro's
+    stack, e.g. around ``svi.step``), innermost first: they see a site only after
+    ``messenger`` has drawn it, so a loss asks them itself. Call it when ``messenger`` is
+    entered (once per pass); handlers inside it write their choices into ``msg["infer"]``
+    (:class:`~storch_pyro.handlers.config.EstimatorMessenger`)."""
+    stack = _PYRO_STACK[:_PYRO_STACK.index(messenger)] if messenger in _PYRO_STACK else []
+    return [h for h in reversed(stack) if isinstance(h, _SiteConfigMessenger)]
+
+
+def resolve_site(
+    msg: Message,
+    default_estimator: Optional[Estimator],
+    outer: Sequence[_SiteConfigMessenger] = (),
+) -> SiteConfig:
     """The site's estimator and baseline, by the precedence rules of
-    :func:`storch_pyro.handlers.estimator` and :func:`storch_pyro.handlers.baseline`."""
-    configs = [h for h in reversed(_PYRO_STACK) if isinstance(h, _SiteConfigMessenger)]
-    for handler in configs:
-        handler.drawn.add(msg["name"])
-    options = msg["infer"].get(INFER_KEY)
-    estimator = options.estimator if options is not None else None
-    baseline = options.baseline if options is not None else None
+    :func:`storch_pyro.handlers.estimator` and :func:`storch_pyro.handlers.baseline`: from
+    the site's options in ``msg["infer"]`` (:func:`storch_pyro.sample`'s, then those the
+    handlers inside the loss wrote), then the handlers ``outer`` to the loss
+    (:func:`outer_config_handlers`), then defaults. Marks the site as drawn in its options
+    (for the handlers' unused-name warnings)."""
+    options = msg["infer"].get(INFER_KEY) or _NO_OPTIONS
+    estimator = options.estimator or options.handler_estimator
+    baseline = options.baseline
     explicit_baseline = baseline is not None
     if estimator is None:
-        for handler in configs:
+        for handler in outer:
             if type(handler) is EstimatorMessenger:
                 estimator = handler.lookup(msg)
                 if estimator is not None:
@@ -116,14 +133,25 @@ def resolve_site(msg: Message, default_estimator: Optional[Estimator]) -> SiteCo
     if baseline is None and "baseline" in msg["infer"]:
         # Like TraceGraph_ELBO, ignore the annotation where there is no score term.
         baseline = _annotated_baseline(msg)
+    if baseline is None and options.handler_baseline is not None:
+        baseline = options.handler_baseline
+        explicit_baseline = options.handler_baseline_named
     if baseline is None:
-        for handler in configs:
+        for handler in outer:
             if type(handler) is BaselineMessenger:
                 baseline = handler.lookup(msg)
                 if baseline is not None:
                     explicit_baseline = isinstance(handler.config, dict)
                     break
+    msg["infer"][INFER_KEY] = replace(options, status=DRAWN)
     return SiteConfig(estimator, baseline, explicit_baseline)
+
+
+def mark_replayed(msg: Message) -> None:
+    """Marks a model site replayed from the guide in its options (for the handlers'
+    unused-name warnings)."""
+    options = msg["infer"].get(INFER_KEY) or _NO_OPTIONS
+    msg["infer"][INFER_KEY] = replace(options, status=REPLAYED)
 
 
 def _annotated_baseline(msg: Message) -> Optional[Baseline]:

@@ -8,19 +8,24 @@ every cost with its plates and its position in execution order. Which estimator 
 is :mod:`storch_pyro.handlers.resolution`'s job.
 """
 
-from typing import Dict
+from typing import Dict, List
 
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.runtime import _PYRO_STACK, Message
+from pyro.poutine.runtime import Message
 from pyro.poutine.subsample_messenger import _Subsample
 
 from storch_pyro.errors import MaskShapeError, StorchError
 from storch_pyro.estimators.base import Site, adds_terms, log_prob_error, without_masks
 from storch_pyro.handlers.config import _SiteConfigMessenger
 from storch_pyro.handlers.records import SAMPLE_FRAME_PREFIX, Cost, FrameKey, Node, Run
-from storch_pyro.handlers.resolution import SiteConfig, resolve_site
+from storch_pyro.handlers.resolution import (
+    SiteConfig,
+    mark_replayed,
+    outer_config_handlers,
+    resolve_site,
+)
 
 
 class StorchMessenger(Messenger):
@@ -40,6 +45,12 @@ class StorchMessenger(Messenger):
         self.role = role
         self._messages = run.messages.setdefault(role, [])
         self._pending: Dict[str, tuple] = {}
+        self._outer: List[_SiteConfigMessenger] = []
+
+    def __enter__(self):
+        result = super().__enter__()
+        self._outer = outer_config_handlers(self)
+        return result
 
     # ---- drawing -------------------------------------------------------------------------
     def _pyro_sample(self, msg: Message) -> None:
@@ -49,13 +60,11 @@ class StorchMessenger(Messenger):
             if not msg["is_observed"] and name in run.guide_values:
                 msg["value"] = run.guide_values[name]
                 msg["done"] = True
-                for handler in _PYRO_STACK:
-                    if isinstance(handler, _SiteConfigMessenger):
-                        handler.replayed.add(name)
+                mark_replayed(msg)
                 return
         if msg["is_observed"] or msg["done"] or type(msg["fn"]) is _Subsample:
             return
-        config = resolve_site(msg, run.default_estimator)
+        config = resolve_site(msg, run.default_estimator, self._outer)
         estimator = config.estimator
         fn = msg["fn"]
         run.drawn[name] = (estimator, fn)
