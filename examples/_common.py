@@ -57,10 +57,21 @@ def estimator_arguments(parser: argparse.ArgumentParser, default: str, n_samples
     )
 
 
+#: The estimators whose draws have a score term that takes a baseline (a
+#: :class:`~storch_pyro.estimators.Draw` with a ``score`` and no ``builtin_baseline``).
+_TAKES_BASELINE = (estimators.ScoreFunction, estimators.SumAndSample, estimators.REBAR,
+                   estimators.RELAX, estimators.LAX)
+
+
+def takes_baseline(estimator: estimators.Estimator) -> bool:
+    """Whether a baseline from :mod:`storch_pyro.baselines` applies to ``estimator``."""
+    return isinstance(estimator, _TAKES_BASELINE)
+
+
 def make_baseline(name: str, estimator: estimators.Estimator) -> Optional[baselines.Baseline]:
     """The baseline ``name`` if ``estimator`` has a score term that takes one (not e.g.
     ``UnorderedSet``, which has its own), else ``None``."""
-    if not (estimator.has_score and getattr(estimator, "accepts_baseline", True)):
+    if not takes_baseline(estimator):
         return None
     if name == "leave-one-out" and estimator.n_samples < 2:
         return None
@@ -76,7 +87,7 @@ def method_label(estimator: estimators.Estimator,
     text = repr(estimator).replace(", baseline=None", "")
     if baseline is not None:
         return f"{text} + {baseline!r}"
-    if estimator.has_score and getattr(estimator, "accepts_baseline", True):
+    if takes_baseline(estimator):
         return f"{text}, no baseline"
     return text
 
