@@ -122,3 +122,25 @@ def test_shared_instance_draws_through_per_site_copies():
         ids.setdefault(name, set()).add(ident)
     assert all(len(v) == 1 for v in ids.values())  # the same instance at every step
     assert ids["a"] != ids["b"] and id(spy) not in ids["a"] | ids["b"]
+
+
+def test_config_handlers_write_msg_infer():
+    """A handler inside the loss (here: with no loss at all) writes its choice into the
+    site's typed options; an inner handler's choice wins over an outer one's."""
+    from pyro import poutine
+
+    from storch_pyro.site_options import INFER_KEY
+
+    inner, outer = estimators.DisARM(), estimators.ARM()
+
+    def model():
+        pyro.sample("z", dist.Bernoulli(0.5))
+        pyro.sample("w", dist.Bernoulli(0.5))
+
+    with poutine.trace() as tracer:
+        handlers.estimator(handlers.estimator(model, config={"z": inner}),
+                           config={"z": outer, "w": outer})()
+    options = {name: tracer.trace.nodes[name]["infer"][INFER_KEY] for name in ("z", "w")}
+    assert options["z"].handler_estimator is inner
+    assert options["w"].handler_estimator is outer
+    assert options["z"].status is None  # no loss drew it

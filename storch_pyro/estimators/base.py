@@ -25,6 +25,11 @@ class Site:
     :ivar plate_nesting: ``max_plate_nesting`` of the loss (for error messages).
     :ivar args: positional arguments of the model/guide the site lives in.
     :ivar kwargs: their keyword arguments.
+
+    Example (in :meth:`Estimator.draw`)::
+
+        value = site.fn.sample(site.sample_shape(4))   # 4 values on the site's sample dim
+        score = site.log_prob(value)                    # log q, unmasked
     """
 
     name: str
@@ -102,6 +107,11 @@ class Draw:
         vectorized plates at once (measure-valued derivatives): a cost depending on the
         site's value must then lie in all of its plates, or the loss raises.
     :ivar state: anything :meth:`Estimator.surrogate` needs later (e.g. the noise).
+
+    Example (score function; exact enumeration)::
+
+        Draw(value, size=k, score=site.log_prob(value))
+        Draw(support, size=K, weights=site.log_prob(support).exp())
     """
 
     value: torch.Tensor
@@ -121,6 +131,11 @@ class Downstream:
     computed when first read.
 
     :ivar site: the :class:`Site` (name, distribution, sample dim, program arguments).
+
+    Example (in :meth:`Estimator.surrogate`: a leave-one-out baseline)::
+
+        dim, cost = downstream.site.sample_dim, downstream.cost
+        baseline = (cost.sum(dim, keepdim=True) - cost) / (k - 1)
     """
 
     def __init__(self, site: Site, cost: Callable[[], torch.Tensor],
@@ -171,7 +186,12 @@ class VarianceTerm:
     each of ``params`` (leaf tensors) gets the gradient of :math:`\sum \hat g^2`, where
     :math:`\hat g` is the gradient estimate w.r.t. ``targets`` (the site's distribution
     parameters), instead of its own
-    (:func:`~storch_pyro.surrogate.with_variance_gradients`)."""
+    (:func:`~storch_pyro.surrogate.with_variance_gradients`).
+
+    Example (REBAR: its temperature and scale trained for the logits' gradient)::
+
+        VarianceTerm(targets=[logits], params=[eta, temperature])
+    """
 
     targets: List[torch.Tensor]
     params: List[torch.Tensor]
@@ -188,6 +208,11 @@ class Terms:
     :ivar shared: added as it is (weighted by upstream sample weights): first-order terms
         that span the indices of the site's plates.
     :ivar variance: parameters to train by the variance of the gradient estimate.
+
+    Example (an antithetic difference; a learned control variate)::
+
+        Terms(control=gradient_term)
+        Terms(control=score_part, shared=pathwise_part, variance=VarianceTerm(targets, params))
     """
 
     control: Optional[torch.Tensor] = None
