@@ -110,6 +110,8 @@ def resolve_site(
     handlers inside the loss wrote), then the handlers ``outer`` to the loss
     (:func:`outer_config_handlers`), then defaults. Marks the site as drawn in its options
     (for the handlers' unused-name warnings)."""
+    for handler in outer:  # they see the site only afterwards, if no error stops it
+        handler.drawn.add(msg["name"])
     options = msg["infer"].get(INFER_KEY) or _NO_OPTIONS
     estimator = options.estimator or options.handler_estimator
     baseline = options.baseline
