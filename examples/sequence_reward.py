@@ -294,7 +294,7 @@ def methods(handwritten: bool) -> Dict[str, Tuple[Method, int]]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--pretrain-steps", type=int, default=150)
     parser.add_argument("--steps", type=int, default=300, help="BLEU fine-tuning steps")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -350,8 +350,8 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{WORDS}); MLE pretraining {args.pretrain_steps} steps ({pretrain_seconds:.0f} s), "
           f"then {args.steps} steps on sentence BLEU, batch {args.batch_size}, Adam lr "
           f"{args.lr}; corpus BLEU of greedy decodes of {args.test_size} held-out sentences\n")
-    print(f"| method | decodes per source and step | test BLEU before | test BLEU after "
-          f"| train reward (last 20%) | s / step |")
+    print("| method | decodes per source and step | test BLEU before | test BLEU after "
+          "| train reward (last 20%) | s / step |")
     print("|:--|--:|--:|--:|--:|--:|")
     for label, (decodes, after, reward, per_step) in results.items():
         print(f"| {label} | {decodes} | {before:.1f} | {after:.1f} | {100 * reward:.1f} "
