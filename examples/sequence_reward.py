@@ -31,11 +31,13 @@ per source sentence and step):
   the model (3 samples + 1 greedy decode = 4 decodes). Unbiased: the greedy decode does not
   depend on the samples.
 
-With ``--handwritten`` the same RLOO and SCST gradients are also computed by a plain PyTorch
+A reference row continues the maximum-likelihood training for as many steps instead. With
+``--handwritten`` the same RLOO and SCST gradients are also computed by a plain PyTorch
 surrogate (no Pyro), as a check of the curves and of the time per step.
 
 Reported: the corpus BLEU (``sacrebleu.corpus_bleu``) of greedy decodes of a held-out set
-before and after fine-tuning, the mean training reward, seconds per step; curves in
+before and after fine-tuning, the mean sentence BLEU of the decoded training samples (for
+``UnorderedSet`` the distinct sentences of the beam, not i.i.d. ones), seconds per step; curves in
 ``bleu.png`` (``--out``, default ``examples/out/sequence_reward``). Needs ``sacrebleu``
 (``pip install -e ".[examples]"``).
 
@@ -57,11 +59,6 @@ from torch import nn
 
 import storch_pyro as storch
 from storch_pyro import baselines, estimators, handlers
-
-try:
-    import sacrebleu
-except ImportError:  # pragma: no cover - the message is the point
-    sys.exit("examples/sequence_reward.py needs sacrebleu: pip install -e \".[examples]\"")
 
 WORDS = 12  # source and target words
 EOS = 0  # target ids: 0 = <eos>, 1..WORDS the target words
@@ -105,6 +102,8 @@ def sentence(tokens: Sequence[int]) -> str:
 
 @lru_cache(maxsize=200_000)
 def _bleu(hypothesis: str, reference: str) -> float:
+    import sacrebleu
+
     return sacrebleu.sentence_bleu(hypothesis, [reference]).score / 100.0
 
 
@@ -117,19 +116,26 @@ def sentence_bleu(tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.tensor(scores, dtype=torch.float32).reshape(tokens.shape[:-1])
 
 
+#: a reward of decoded tokens ``[..., B, L]`` given the targets ``[B, L']``: ``[..., B]``
+#: (``None``: :func:`sentence_bleu`).
+Reward = Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+
+
 # ---- the model --------------------------------------------------------------------------------
 class Translator(nn.Module):
     """GRU encoder, GRU-cell decoder whose first state is the encoder's last one; the
     decoder reads the token it just emitted: ``h_{t+1} = GRU(embed(y_t), h_t)``,
     ``p(y_t | y_{<t}, x) = softmax(W h_t)``."""
 
-    def __init__(self, hidden: int = 64, embedding: int = 32) -> None:
+    def __init__(self, words: int = WORDS, decode_len: int = DECODE_LEN, hidden: int = 64,
+                 embedding: int = 32) -> None:
         super().__init__()
-        self.source_embedding = nn.Embedding(WORDS + 1, embedding, padding_idx=0)
+        self.decode_len = decode_len
+        self.source_embedding = nn.Embedding(words + 1, embedding, padding_idx=0)
         self.encoder = nn.GRU(embedding, hidden, batch_first=True)
-        self.target_embedding = nn.Embedding(WORDS + 1, embedding)
+        self.target_embedding = nn.Embedding(words + 1, embedding)
         self.cell = nn.GRUCell(embedding, hidden)
-        self.out = nn.Linear(hidden, WORDS + 1)
+        self.out = nn.Linear(hidden, words + 1)
 
     def encode(self, src: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         packed = nn.utils.rnn.pack_padded_sequence(
@@ -148,7 +154,7 @@ class Translator(nn.Module):
         over sentences), ``<eos>`` included, padding after it excluded."""
         state = self.encode(src, lengths)
         total = torch.zeros(())
-        for t in range(DECODE_LEN):
+        for t in range(self.decode_len):
             logits = self.out(state)
             total = total + nn.functional.cross_entropy(
                 logits, target[:, t], reduction="none")[t <= lengths].sum()
@@ -157,11 +163,11 @@ class Translator(nn.Module):
 
     @torch.no_grad()
     def greedy(self, src, lengths) -> torch.Tensor:
-        """Greedy decodes ``[B, DECODE_LEN]`` (``<eos>`` after the first ``<eos>``)."""
+        """Greedy decodes ``[B, decode_len]`` (``<eos>`` after the first ``<eos>``)."""
         state = self.encode(src, lengths)
         finished = torch.zeros(src.shape[0], dtype=torch.bool)
         tokens = []
-        for _ in range(DECODE_LEN):
+        for _ in range(self.decode_len):
             token = torch.where(finished, EOS, self.out(state).argmax(-1))
             finished = finished | (token == EOS)
             tokens.append(token)
@@ -172,18 +178,18 @@ class Translator(nn.Module):
 # ---- the generative story ---------------------------------------------------------------
 def translation(model: Translator, src, lengths, target, estimator,
                 greedy_cost: Optional[torch.Tensor] = None,
-                rewards: Optional[List[torch.Tensor]] = None) -> None:
-    """The story: decode a sentence per source, pay minus its BLEU. ``greedy_cost`` (minus
-    the greedy decode's BLEU, ``[B]``) is read by :class:`SelfCritical`; the rewards
-    ``[k, B]`` are appended to ``rewards`` if given (for the printed table)."""
+                rewards: Optional[List[torch.Tensor]] = None, reward_fn: Reward = None) -> None:
+    """The story: decode a sentence per source, pay minus its BLEU (or ``reward_fn(tokens,
+    target)``). ``greedy_cost`` (minus the greedy decode's reward, ``[B]``) is read by
+    :class:`SelfCritical`; the rewards ``[k, B]`` are appended to ``rewards`` if given."""
     with pyro.plate("sentences", src.shape[0]):
         state = model.encode(src, lengths)
         with handlers.sequence("translation", estimator=estimator, eos=EOS) as seq:
-            for t in pyro.markov(range(DECODE_LEN)):
+            for t in pyro.markov(range(model.decode_len)):
                 token = storch.sample(f"tok_{t}", dist.Categorical(logits=model.out(state)))
                 state = model.step(seq.reorder(state), token)
         tokens, _ = seq.values()  # [k, B, L], <eos> after the first <eos>
-        reward = sentence_bleu(tokens, target)
+        reward = (reward_fn or sentence_bleu)(tokens, target)
         storch.add_cost("bleu", -reward)
     if rewards is not None:
         rewards.append(reward)
@@ -212,7 +218,7 @@ def sample_by_hand(model: Translator, src, lengths, k: int):
     finished = torch.zeros((k, src.shape[0]), dtype=torch.bool)
     log_prob = torch.zeros((k, src.shape[0]))
     tokens = []
-    for _ in range(DECODE_LEN):
+    for _ in range(model.decode_len):
         step = torch.distributions.Categorical(logits=model.out(state))
         token = torch.where(finished, EOS, step.sample(() if state.dim() == 3 else (k,)))
         log_prob = log_prob + torch.where(finished, 0.0, step.log_prob(token))
@@ -222,26 +228,31 @@ def sample_by_hand(model: Translator, src, lengths, k: int):
     return torch.stack(tokens, -1), log_prob
 
 
-def rloo_by_hand(model, src, lengths, target, k: int = 4) -> Tuple[torch.Tensor, torch.Tensor]:
+def rloo_by_hand(model, src, lengths, target, k: int = 4,
+                 reward_fn: Reward = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """RLOO's surrogate :math:`\\sum_b \\frac1k\\sum_i (-R_i + \\bar R_{-i}) \\log p(y_i)` and
-    the rewards ``[k, B]``."""
+    the rewards ``[k, B]`` (BLEU, or ``reward_fn(tokens, target)``)."""
     tokens, log_prob = sample_by_hand(model, src, lengths, k)
-    reward = sentence_bleu(tokens, target)
+    reward = (reward_fn or sentence_bleu)(tokens, target)
     others = (reward.sum(0, keepdim=True) - reward) / (k - 1)
     return (-(reward - others) * log_prob).mean(0).sum(), reward
 
 
-def scst_by_hand(model, src, lengths, target, k: int = 3) -> Tuple[torch.Tensor, torch.Tensor]:
+def scst_by_hand(model, src, lengths, target, k: int = 3,
+                 reward_fn: Reward = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """SCST's surrogate :math:`\\sum_b \\frac1k\\sum_i -(R_i - R_{\\text{greedy}})\\log p(y_i)`."""
-    greedy_reward = sentence_bleu(model.greedy(src, lengths), target)
+    reward_fn = reward_fn or sentence_bleu
+    greedy_reward = reward_fn(model.greedy(src, lengths), target)
     tokens, log_prob = sample_by_hand(model, src, lengths, k)
-    reward = sentence_bleu(tokens, target)
+    reward = reward_fn(tokens, target)
     return (-(reward - greedy_reward) * log_prob).mean(0).sum(), reward
 
 
 # ---- training and evaluation -------------------------------------------------------------
 def corpus_bleu(model: Translator, data) -> float:
     """sacrebleu's corpus BLEU (0-100) of the greedy decodes of ``data``."""
+    import sacrebleu
+
     src, lengths, target = data
     hypotheses = [sentence(row) for row in model.greedy(src, lengths).tolist()]
     references = [sentence(row) for row in target.tolist()]
@@ -257,7 +268,7 @@ def pretrain(model: Translator, task: Task, steps: int, batch_size: int, lr: flo
         optimizer.step()
 
 
-Method = Callable[[Translator, tuple], Tuple[torch.Tensor, torch.Tensor]]
+Method = Callable[[Translator, tuple], Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
 def storch_method(estimator: estimators.Estimator, self_critical: bool = False) -> Method:
@@ -278,7 +289,8 @@ def storch_method(estimator: estimators.Estimator, self_critical: bool = False) 
 
 
 def methods(handwritten: bool) -> Dict[str, Tuple[Method, int]]:
-    """Name -> (surrogate function, sentences decoded per source and step)."""
+    """Name -> (surrogate function, sentences decoded per source and step). The reference
+    row continues maximum-likelihood training instead (no decoding, no BLEU)."""
     table: Dict[str, Tuple[Method, int]] = {
         "RLOO(4)": (storch_method(estimators.ScoreFunction(
             n_samples=4, baseline=baselines.LeaveOneOut())), 4),
@@ -286,6 +298,7 @@ def methods(handwritten: bool) -> Dict[str, Tuple[Method, int]]:
         "SCST(3) + greedy": (storch_method(estimators.ScoreFunction(
             n_samples=3, baseline=SelfCritical()), self_critical=True), 4),
     }
+    table["MLE continued (reference)"] = (lambda m, b: (m.nll(*b), None), 0)
     if handwritten:
         table["RLOO(4), by hand"] = (lambda m, b: rloo_by_hand(m, *b, k=4), 4)
         table["SCST(3) + greedy, by hand"] = (lambda m, b: scst_by_hand(m, *b, k=3), 4)
@@ -304,6 +317,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--smoke", action="store_true", help="a few steps, for tests")
     args = parser.parse_args(argv)
+    try:
+        import sacrebleu  # noqa: F401
+    except ImportError:
+        sys.exit("examples/sequence_reward.py needs sacrebleu: pip install -e \".[examples]\"")
     if args.smoke:
         args.pretrain_steps, args.steps, args.batch_size, args.test_size = 5, 3, 8, 50
         args.handwritten = True
@@ -338,12 +355,14 @@ def main(argv: Optional[List[str]] = None) -> None:
             loss.backward()
             optimizer.step()
             seconds += time.perf_counter() - start
-            rewards.append(float(reward.mean()))
+            if reward is not None:
+                rewards.append(float(reward.mean()))
             if step % every == 0 or step == args.steps:
                 curves[label].append(corpus_bleu(model, test))
                 steps[label].append(step)
         tail = rewards[-max(1, len(rewards) // 5):]
-        results[label] = (decodes, curves[label][-1], sum(tail) / len(tail),
+        results[label] = (decodes, curves[label][-1],
+                          f"{100 * sum(tail) / len(tail):.1f}" if tail else "-",
                           seconds / args.steps)
 
     print(f"toy translation (reverse + dictionary, {MIN_LEN}-{MAX_LEN} words, vocabulary "
@@ -351,10 +370,10 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"then {args.steps} steps on sentence BLEU, batch {args.batch_size}, Adam lr "
           f"{args.lr}; corpus BLEU of greedy decodes of {args.test_size} held-out sentences\n")
     print("| method | decodes per source and step | test BLEU before | test BLEU after "
-          "| train reward (last 20%) | s / step |")
+          "| BLEU of decoded samples (last 20% of steps) | s / step |")
     print("|:--|--:|--:|--:|--:|--:|")
     for label, (decodes, after, reward, per_step) in results.items():
-        print(f"| {label} | {decodes} | {before:.1f} | {after:.1f} | {100 * reward:.1f} "
+        print(f"| {label} | {decodes} | {before:.1f} | {after:.1f} | {reward} "
               f"| {per_step:.3f} |")
     out = output_dir(args.out, "sequence_reward")
     save_curves(curves, out / "bleu.png", "toy translation: fine-tuning on sentence BLEU",
