@@ -349,17 +349,22 @@ class SequenceMessenger(Messenger):
             log_p = torch.where(finished.unsqueeze(-1), forced, log_p)
         with torch.no_grad():
             parents, tokens = self._select(log_p.detach(), rest, rows, vocab, k)
+        identity = parents is None
         new_rows = tokens.shape[-1]
-        chosen = log_p.gather(-2, parents.unsqueeze(-1).expand(rest + (new_rows, vocab)))
-        step_lp = chosen.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        alive = ~finished.gather(-1, parents)
-        self._log_p = self._log_p.gather(-1, parents) + step_lp
+        if identity:  # i.i.d.: row i extends row i
+            chosen = log_p
+            self._log_p = self._log_p + log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            alive = ~finished
+        else:
+            chosen = log_p.gather(-2, parents.unsqueeze(-1).expand(rest + (new_rows, vocab)))
+            step_lp = chosen.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            self._log_p = self._log_p.gather(-1, parents) + step_lp
+            alive = ~finished.gather(-1, parents)
         self._finished = ~alive | (tokens == self.eos) if self.eos is not None else ~alive
         self._tokens.append(tokens)
         self._alive.append(alive)
-        identity = isinstance(estimator, ScoreFunction)
-        self._parents.append(None if identity else parents)
-        self._last_parents = None if identity else parents
+        self._parents.append(parents)
+        self._last_parents = parents
         self._prev_rows, self._rows = rows, new_rows
         if new_rows != rows:  # Enumerate: the frame grows
             frames = run.sample_frames
@@ -387,14 +392,14 @@ class SequenceMessenger(Messenger):
             self._top = self._top.expand(shape)
             self._kappa = self._kappa.expand(rest)
 
-    def _select(self, log_p, rest, rows, vocab, k) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Parent rows and tokens ``[*rest, K_new]`` of the new rows."""
+    def _select(self, log_p, rest, rows, vocab, k) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Parent rows (``None``: row i extends row i) and tokens ``[*rest, K_new]`` of the
+        new rows."""
         estimator = self.estimator
         device = log_p.device
         if isinstance(estimator, ScoreFunction):
-            tokens = torch.distributions.Categorical(logits=log_p).sample()
-            parents = torch.arange(rows, device=device).expand(rest + (rows,))
-            return parents, tokens
+            probs = log_p.exp().reshape(-1, vocab)
+            return None, torch.multinomial(probs, 1).reshape(log_p.shape[:-1])
         if isinstance(estimator, Enumerate):
             parents = torch.arange(rows, device=device).repeat_interleave(vocab)
             tokens = torch.arange(vocab, device=device).repeat(rows)
@@ -417,18 +422,18 @@ class SequenceMessenger(Messenger):
         room = -self._dim - 1
         rows = self._rows
         rest = tuple(self._log_p.shape[:-1])
-        # Ancestry: for each step, the row (of that step) each final row descends from.
-        index = torch.arange(rows, device=self._log_p.device).expand(rest + (rows,))
-        ancestry: List[torch.Tensor] = [index] * len(self._tokens)
+        # Ancestry: for each step, the row (of that step) each final row descends from
+        # (None: the same row, for i.i.d. sampling).
+        index: Optional[torch.Tensor] = None
+        ancestry: List[Optional[torch.Tensor]] = [None] * len(self._tokens)
         for t in range(len(self._tokens) - 1, -1, -1):
             ancestry[t] = index
             parents = self._parents[t]
             if parents is not None:
-                index = parents.expand(rest + parents.shape[-1:]).gather(-1, index)
-        tokens = [tok.expand(rest + tok.shape[-1:]).gather(-1, a)
-                  for tok, a in zip(self._tokens, ancestry)]
-        alive = [m.expand(rest + m.shape[-1:]).gather(-1, a)
-                 for m, a in zip(self._alive, ancestry)]
+                parents = parents.expand(rest + parents.shape[-1:])
+                index = parents if index is None else parents.gather(-1, index)
+        tokens = [_gather(tok, a, rest) for tok, a in zip(self._tokens, ancestry)]
+        alive = [_gather(m, a, rest) for m, a in zip(self._alive, ancestry)]
         self._final = (_to_sample_layout(torch.stack(tokens, -1), room, event=1),
                        _to_sample_layout(torch.stack(alive, -1), room, event=1))
         estimator = self.estimator
@@ -495,6 +500,12 @@ class SequenceMessenger(Messenger):
             index = index.expand(lead + index.shape[:1] + shape)
             value = value.gather(len(lead), index)
         self._storch.record_cost(name, value, msg["scale"], stack)
+
+
+def _gather(x: torch.Tensor, index: Optional[torch.Tensor], rest) -> torch.Tensor:
+    """``x [*rest, K_t]`` on the final rows ``index [*rest, K]`` (``None``: the same rows)."""
+    x = x.expand(rest + x.shape[-1:])
+    return x if index is None else x.gather(-1, index)
 
 
 def _to_sample_layout(x: torch.Tensor, room: int, event: int = 0) -> torch.Tensor:

@@ -56,10 +56,11 @@ def test_unbiased_against_enumeration(name, make, x):
     """Vocab 3, length 4 (81 sequences), EOS = 0 under the plate (variable lengths), a cost
     per step inside the loop and one per sequence after it; SCG mode (one sequence) and a
     decoder conditioned on 3 inputs in a plate. 30 batches of 100 sequences of k = 4.
-    Power (measured): the largest coordinate s.e. is about 0.6-1.5 % of the gradient's
-    largest coordinate (e.g. RLOO, plate: 0.03 on |g|_max 3.1), so a bias of 4.5 s.e.,
-    about 3-7 % of the gradient there, fails; dropping the unordered set's diagonal
-    baseline term or the in-loop costs' reordering gives biases of this size or more."""
+    Power (measured, this seed): the largest coordinate s.e. is 0.009-0.017 against a
+    largest gradient coordinate of 0.23-0.37, so a bias of 0.04-0.08 (4.5 s.e.) in any
+    coordinate fails. Deliberate bugs measured at these settings: in-loop costs not gathered
+    onto the final rows (UnorderedSet, plate) z = 21; the unordered set baseline without its
+    diagonal term z = 38 (plate; 2.4 in SCG mode, where it goes unseen)."""
     eos = 0 if x else None
     draws, exact = _estimate(make(), x, eos, batches=30, particles=100)
     mean = draws.mean(0)
