@@ -215,7 +215,7 @@ class SequenceMessenger(Messenger):
             )
         index = _to_sample_layout(parents, -self._dim - 1)
         index = index.reshape(index.shape + (1,) * event_dim)
-        shape = torch.broadcast_shapes(x.shape[dim + 1:] if dim + 1 < 0 else (),
+        shape = _broadcast(x.shape[dim + 1:] if dim + 1 < 0 else (),
                                        index.shape[1:])
         lead = x.shape[:x.dim() + dim]
         x = x.expand(lead + (x.shape[dim],) + shape)
@@ -272,7 +272,7 @@ class SequenceMessenger(Messenger):
             )
         msg["infer"][SEQUENCE_KEY] = self.name
         self._sites.append(site)
-        msg["value"], msg["fn"] = self._draw(site, found[1], msg["cond_indep_stack"])
+        msg["value"], msg["fn"] = self._draw(site, msg["fn"], found[1], msg["cond_indep_stack"])
         msg["done"] = True
 
     def _pyro_post_sample(self, msg: Message) -> None:
@@ -301,7 +301,7 @@ class SequenceMessenger(Messenger):
         if self._storch is not None and msg["infer"].get(SEQUENCE_KEY) == self.name:
             self._costs.append((msg, len(self._tokens)))
 
-    def _draw(self, site: str, logits: torch.Tensor, stack) -> Tuple[torch.Tensor, Any]:
+    def _draw(self, site: str, fn, logits: torch.Tensor, stack) -> Tuple[torch.Tensor, Any]:
         run = self._storch.run
         first = self._dim is None
         estimator = self.estimator
@@ -329,14 +329,15 @@ class SequenceMessenger(Messenger):
                 f"has {rows} rows. Draw ONE site per step for all rows at once (not one site "
                 f"per beam or sample), and pass earlier tensors through seq.reorder."
             )
-        log_p = torch.log_softmax(logits.reshape(batch + (vocab,)), -1).movedim(0, -2)
+        # A Categorical's logits are normalized log-probabilities already.
+        log_p = logits.reshape(batch + (vocab,)).movedim(0, -2)
         plates = dict(self._outer_plates)
         plates.update({f.dim: f.size for f in stack if f.dim is not None})
         rest = [1] * room
         for dim, size in plates.items():
             if -dim <= room:
                 rest[dim] = size
-        rest = torch.broadcast_shapes(tuple(rest), log_p.shape[:-2])
+        rest = _broadcast(tuple(rest), log_p.shape[:-2])
         if first:
             self._init_state(rest, log_p)
         else:
@@ -371,8 +372,9 @@ class SequenceMessenger(Messenger):
             frames[:] = [(d, new_rows if key == self._key else size, key)
                          for d, size, key in frames]
         value = _to_sample_layout(tokens, room)
-        fn = Categorical(logits=_to_sample_layout(chosen, room, event=1))
-        return value, fn
+        if identity and self.eos is None:
+            return value, fn  # row i was drawn from row i of the site's own distribution
+        return value, Categorical(logits=_to_sample_layout(chosen, room, event=1))
 
     def _init_state(self, rest, log_p) -> None:
         rows = self._rows
@@ -494,12 +496,25 @@ class SequenceMessenger(Messenger):
             room = -self._dim - 1
             index = _to_sample_layout(ancestry, room)
             lead = value.shape[:value.dim() + self._dim]
-            shape = torch.broadcast_shapes(value.shape[value.dim() + self._dim + 1:],
+            shape = _broadcast(value.shape[value.dim() + self._dim + 1:],
                                            index.shape[1:])
             value = value.expand(lead + value.shape[len(lead):len(lead) + 1] + shape)
             index = index.expand(lead + index.shape[:1] + shape)
             value = value.gather(len(lead), index)
         self._storch.record_cost(name, value, msg["scale"], stack)
+
+
+def _broadcast(*shapes) -> Tuple[int, ...]:
+    """``torch.broadcast_shapes`` for plain shapes, without its overhead."""
+    rank = max(len(s) for s in shapes)
+    out = [1] * rank
+    for shape in shapes:
+        for i, size in enumerate(shape, rank - len(shape)):
+            if size != 1:
+                if out[i] != 1 and out[i] != size:
+                    raise RuntimeError(f"shapes {shapes} do not broadcast")
+                out[i] = size
+    return tuple(out)
 
 
 def _gather(x: torch.Tensor, index: Optional[torch.Tensor], rest) -> torch.Tensor:
