@@ -268,7 +268,8 @@ class SequenceMessenger(Messenger):
         if found is None or found[0] != "categorical" or msg["fn"].event_shape != ():
             raise UnsupportedDistributionError(
                 f"site '{site}' in sequence '{self.name}': a step must be a Categorical "
-                f"(token indices), got {type(msg['fn']).__name__}."
+                f"(token indices), got {type(msg['fn']).__name__}; draw other variables outside "
+                f"handlers.sequence."
             )
         msg["infer"][SEQUENCE_KEY] = self.name
         self._sites.append(site)
