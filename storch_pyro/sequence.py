@@ -119,7 +119,17 @@ class _SequenceNode(Estimator):
 
 
 class SequenceMessenger(Messenger):
-    """See :func:`sequence`."""
+    """The messenger :func:`sequence` returns: it draws the sites in its context on one
+    shared sample dim and, when it closes, registers one stochastic node with the loss.
+
+    Example::
+
+        with handlers.sequence("y", estimator=estimators.UnorderedSet(4)) as seq:
+            for t in pyro.markov(range(5)):
+                tok = storch.sample(f"tok_{t}", dist.Categorical(logits=decoder(state)))
+                state = step(seq.reorder(state), tok)
+        tokens = seq.values()   # [4, *batch, 5]
+    """
 
     def __init__(self, name: str, estimator: Optional[Estimator] = None,
                  eos: Optional[int] = None) -> None:
