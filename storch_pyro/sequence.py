@@ -119,7 +119,17 @@ class _SequenceNode(Estimator):
 
 
 class SequenceMessenger(Messenger):
-    """See :func:`sequence`."""
+    """The messenger :func:`sequence` returns: it draws the sites in its context on one
+    shared sample dim and, when it closes, registers one stochastic node with the loss.
+
+    Example::
+
+        with handlers.sequence("y", estimator=estimators.UnorderedSet(4)) as seq:
+            for t in pyro.markov(range(5)):
+                tok = storch.sample(f"tok_{t}", dist.Categorical(logits=decoder(state)))
+                state = step(seq.reorder(state), tok)
+        tokens = seq.values()   # [4, *batch, 5]
+    """
 
     def __init__(self, name: str, estimator: Optional[Estimator] = None,
                  eos: Optional[int] = None) -> None:
@@ -215,7 +225,7 @@ class SequenceMessenger(Messenger):
             )
         index = _to_sample_layout(parents, -self._dim - 1)
         index = index.reshape(index.shape + (1,) * event_dim)
-        shape = torch.broadcast_shapes(x.shape[dim + 1:] if dim + 1 < 0 else (),
+        shape = _broadcast(x.shape[dim + 1:] if dim + 1 < 0 else (),
                                        index.shape[1:])
         lead = x.shape[:x.dim() + dim]
         x = x.expand(lead + (x.shape[dim],) + shape)
@@ -268,11 +278,12 @@ class SequenceMessenger(Messenger):
         if found is None or found[0] != "categorical" or msg["fn"].event_shape != ():
             raise UnsupportedDistributionError(
                 f"site '{site}' in sequence '{self.name}': a step must be a Categorical "
-                f"(token indices), got {type(msg['fn']).__name__}."
+                f"(token indices), got {type(msg['fn']).__name__}; draw other variables outside "
+                f"handlers.sequence."
             )
         msg["infer"][SEQUENCE_KEY] = self.name
         self._sites.append(site)
-        msg["value"], msg["fn"] = self._draw(site, found[1], msg["cond_indep_stack"])
+        msg["value"], msg["fn"] = self._draw(site, msg["fn"], found[1], msg["cond_indep_stack"])
         msg["done"] = True
 
     def _pyro_post_sample(self, msg: Message) -> None:
@@ -301,7 +312,7 @@ class SequenceMessenger(Messenger):
         if self._storch is not None and msg["infer"].get(SEQUENCE_KEY) == self.name:
             self._costs.append((msg, len(self._tokens)))
 
-    def _draw(self, site: str, logits: torch.Tensor, stack) -> Tuple[torch.Tensor, Any]:
+    def _draw(self, site: str, fn, logits: torch.Tensor, stack) -> Tuple[torch.Tensor, Any]:
         run = self._storch.run
         first = self._dim is None
         estimator = self.estimator
@@ -329,14 +340,15 @@ class SequenceMessenger(Messenger):
                 f"has {rows} rows. Draw ONE site per step for all rows at once (not one site "
                 f"per beam or sample), and pass earlier tensors through seq.reorder."
             )
-        log_p = torch.log_softmax(logits.reshape(batch + (vocab,)), -1).movedim(0, -2)
+        # A Categorical's logits are normalized log-probabilities already.
+        log_p = logits.reshape(batch + (vocab,)).movedim(0, -2)
         plates = dict(self._outer_plates)
         plates.update({f.dim: f.size for f in stack if f.dim is not None})
         rest = [1] * room
         for dim, size in plates.items():
             if -dim <= room:
                 rest[dim] = size
-        rest = torch.broadcast_shapes(tuple(rest), log_p.shape[:-2])
+        rest = _broadcast(tuple(rest), log_p.shape[:-2])
         if first:
             self._init_state(rest, log_p)
         else:
@@ -349,25 +361,31 @@ class SequenceMessenger(Messenger):
             log_p = torch.where(finished.unsqueeze(-1), forced, log_p)
         with torch.no_grad():
             parents, tokens = self._select(log_p.detach(), rest, rows, vocab, k)
+        identity = parents is None
         new_rows = tokens.shape[-1]
-        chosen = log_p.gather(-2, parents.unsqueeze(-1).expand(rest + (new_rows, vocab)))
-        step_lp = chosen.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        alive = ~finished.gather(-1, parents)
-        self._log_p = self._log_p.gather(-1, parents) + step_lp
+        if identity:  # i.i.d.: row i extends row i
+            chosen = log_p
+            self._log_p = self._log_p + log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            alive = ~finished
+        else:
+            chosen = log_p.gather(-2, parents.unsqueeze(-1).expand(rest + (new_rows, vocab)))
+            step_lp = chosen.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            self._log_p = self._log_p.gather(-1, parents) + step_lp
+            alive = ~finished.gather(-1, parents)
         self._finished = ~alive | (tokens == self.eos) if self.eos is not None else ~alive
         self._tokens.append(tokens)
         self._alive.append(alive)
-        identity = isinstance(estimator, ScoreFunction)
-        self._parents.append(None if identity else parents)
-        self._last_parents = None if identity else parents
+        self._parents.append(parents)
+        self._last_parents = parents
         self._prev_rows, self._rows = rows, new_rows
         if new_rows != rows:  # Enumerate: the frame grows
             frames = run.sample_frames
             frames[:] = [(d, new_rows if key == self._key else size, key)
                          for d, size, key in frames]
         value = _to_sample_layout(tokens, room)
-        fn = Categorical(logits=_to_sample_layout(chosen, room, event=1))
-        return value, fn
+        if identity and self.eos is None:
+            return value, fn  # row i was drawn from row i of the site's own distribution
+        return value, Categorical(logits=_to_sample_layout(chosen, room, event=1))
 
     def _init_state(self, rest, log_p) -> None:
         rows = self._rows
@@ -387,14 +405,14 @@ class SequenceMessenger(Messenger):
             self._top = self._top.expand(shape)
             self._kappa = self._kappa.expand(rest)
 
-    def _select(self, log_p, rest, rows, vocab, k) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Parent rows and tokens ``[*rest, K_new]`` of the new rows."""
+    def _select(self, log_p, rest, rows, vocab, k) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Parent rows (``None``: row i extends row i) and tokens ``[*rest, K_new]`` of the
+        new rows."""
         estimator = self.estimator
         device = log_p.device
         if isinstance(estimator, ScoreFunction):
-            tokens = torch.distributions.Categorical(logits=log_p).sample()
-            parents = torch.arange(rows, device=device).expand(rest + (rows,))
-            return parents, tokens
+            probs = log_p.exp().reshape(-1, vocab)
+            return None, torch.multinomial(probs, 1).reshape(log_p.shape[:-1])
         if isinstance(estimator, Enumerate):
             parents = torch.arange(rows, device=device).repeat_interleave(vocab)
             tokens = torch.arange(vocab, device=device).repeat(rows)
@@ -417,18 +435,18 @@ class SequenceMessenger(Messenger):
         room = -self._dim - 1
         rows = self._rows
         rest = tuple(self._log_p.shape[:-1])
-        # Ancestry: for each step, the row (of that step) each final row descends from.
-        index = torch.arange(rows, device=self._log_p.device).expand(rest + (rows,))
-        ancestry: List[torch.Tensor] = [index] * len(self._tokens)
+        # Ancestry: for each step, the row (of that step) each final row descends from
+        # (None: the same row, for i.i.d. sampling).
+        index: Optional[torch.Tensor] = None
+        ancestry: List[Optional[torch.Tensor]] = [None] * len(self._tokens)
         for t in range(len(self._tokens) - 1, -1, -1):
             ancestry[t] = index
             parents = self._parents[t]
             if parents is not None:
-                index = parents.expand(rest + parents.shape[-1:]).gather(-1, index)
-        tokens = [tok.expand(rest + tok.shape[-1:]).gather(-1, a)
-                  for tok, a in zip(self._tokens, ancestry)]
-        alive = [m.expand(rest + m.shape[-1:]).gather(-1, a)
-                 for m, a in zip(self._alive, ancestry)]
+                parents = parents.expand(rest + parents.shape[-1:])
+                index = parents if index is None else parents.gather(-1, index)
+        tokens = [_gather(tok, a, rest) for tok, a in zip(self._tokens, ancestry)]
+        alive = [_gather(m, a, rest) for m, a in zip(self._alive, ancestry)]
         self._final = (_to_sample_layout(torch.stack(tokens, -1), room, event=1),
                        _to_sample_layout(torch.stack(alive, -1), room, event=1))
         estimator = self.estimator
@@ -489,12 +507,31 @@ class SequenceMessenger(Messenger):
             room = -self._dim - 1
             index = _to_sample_layout(ancestry, room)
             lead = value.shape[:value.dim() + self._dim]
-            shape = torch.broadcast_shapes(value.shape[value.dim() + self._dim + 1:],
+            shape = _broadcast(value.shape[value.dim() + self._dim + 1:],
                                            index.shape[1:])
             value = value.expand(lead + value.shape[len(lead):len(lead) + 1] + shape)
             index = index.expand(lead + index.shape[:1] + shape)
             value = value.gather(len(lead), index)
         self._storch.record_cost(name, value, msg["scale"], stack)
+
+
+def _broadcast(*shapes) -> Tuple[int, ...]:
+    """``torch.broadcast_shapes`` for plain shapes, without its overhead."""
+    rank = max(len(s) for s in shapes)
+    out = [1] * rank
+    for shape in shapes:
+        for i, size in enumerate(shape, rank - len(shape)):
+            if size != 1:
+                if out[i] != 1 and out[i] != size:
+                    raise RuntimeError(f"shapes {shapes} do not broadcast")
+                out[i] = size
+    return tuple(out)
+
+
+def _gather(x: torch.Tensor, index: Optional[torch.Tensor], rest) -> torch.Tensor:
+    """``x [*rest, K_t]`` on the final rows ``index [*rest, K]`` (``None``: the same rows)."""
+    x = x.expand(rest + x.shape[-1:])
+    return x if index is None else x.gather(-1, index)
 
 
 def _to_sample_layout(x: torch.Tensor, room: int, event: int = 0) -> torch.Tensor:

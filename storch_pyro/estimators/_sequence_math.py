@@ -52,7 +52,9 @@ def conditional_gumbel(phi: Tensor, top: Tensor) -> Tensor:
     g = phi - torch.log(-torch.log(u))
     z = g.amax(-1, keepdim=True)
     t = top.unsqueeze(-1)
-    v = t - g + log1mexp((g - z).clamp_max(0.0))
+    # log(1 - e^x) as log(-expm1(x)): its error for x << 0 is absolute and below e^x, which
+    # is negligible next to T - G (log1mexp's second branch buys nothing here).
+    v = t - g + torch.log(-torch.expm1((g - z).clamp_max(0.0)))
     out = t - v.clamp_min(0.0) - torch.log1p(torch.exp(-v.abs()))
     ninf = torch.full_like(out, float("-inf"))
     return torch.where((phi > float("-inf")) & (t > float("-inf")), out, ninf)
