@@ -311,6 +311,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=300, help="BLEU fine-tuning steps")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the fine-tuning (samples and batches; not pretraining)")
     parser.add_argument("--test-size", type=int, default=500)
     parser.add_argument("--handwritten", action="store_true",
                         help="also train with the hand-written RLOO and SCST surrogates")
@@ -343,8 +345,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         model.load_state_dict(pretrained)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
         pyro.clear_param_store()
-        pyro.set_rng_seed(0)
-        generator = torch.Generator().manual_seed(2)  # the same batches for every method
+        pyro.set_rng_seed(args.seed)
+        # the same batches for every method
+        generator = torch.Generator().manual_seed(2 + 1000 * args.seed)
         curves[label], steps[label] = [before], [0]
         rewards, seconds = [], 0.0
         for step in range(1, args.steps + 1):
@@ -368,7 +371,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"toy translation (reverse + dictionary, {MIN_LEN}-{MAX_LEN} words, vocabulary "
           f"{WORDS}); MLE pretraining {args.pretrain_steps} steps ({pretrain_seconds:.0f} s), "
           f"then {args.steps} steps on sentence BLEU, batch {args.batch_size}, Adam lr "
-          f"{args.lr}; corpus BLEU of greedy decodes of {args.test_size} held-out sentences\n")
+          f"{args.lr}, seed {args.seed}; corpus BLEU of greedy decodes of {args.test_size} "
+          f"held-out sentences\n")
     print("| method | decodes per source and step | test BLEU before | test BLEU after "
           "| BLEU of decoded samples (last 20% of steps) | s / step |")
     print("|:--|--:|--:|--:|--:|--:|")
