@@ -289,3 +289,25 @@ def test_importance_weighted_set_only_for_sequences():
 
     with pytest.raises(UnsupportedDistributionError, match="give it to handlers.sequence"):
         _run(model)
+
+
+def test_benchmark_smoke(capsys):
+    """benchmarks/sequences.py runs end to end (tiny sizes) and prints its table."""
+    from benchmarks import sequences
+
+    sequences.main(["--smoke"])
+    out = capsys.readouterr().out
+    assert "| storch SBS (UnorderedSet) |" in out and "target <= 1.3" in out
+    torch.set_num_threads(1)
+
+
+def test_moving_average_baseline_over_a_sequence():
+    """A stateful baseline keys its state by the sequence's name and keeps it unbiased in
+    value (the baseline term has value zero)."""
+    p, _ = T.params()
+    est = estimators.ScoreFunction(2, baseline=baselines.MovingAverage())
+    elbo = storch.StorchELBO()
+    for _ in range(3):
+        loss = elbo.differentiable_loss(T.model, None, p, None, est, None, False)
+    assert torch.isfinite(loss)
+    assert any("y" in name for name in pyro.get_param_store().keys())
