@@ -291,8 +291,10 @@ def test_importance_weighted_set_only_for_sequences():
         _run(model)
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(capsys):
-    """benchmarks/sequences.py runs end to end (tiny sizes) and prints its table."""
+    """benchmarks/sequences.py runs end to end (tiny sizes) and prints its table (slow: ~7 s
+    on a busy 2-core machine, mostly the first, validated StorchELBO steps of a GRU)."""
     from benchmarks import sequences
 
     sequences.main(["--smoke"])
