@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.batch, args.length, args.steps, args.rounds = 4, 3, 1, 2
+        args.batch, args.length, args.steps, args.rounds = 4, 3, 1, 1
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
     x = torch.randn(args.batch, INPUT)
@@ -154,7 +154,7 @@ def main(argv=None) -> None:
     impls["hand-written i.i.d. draw"] = lambda: draw_iid(decoder, x, k, length)
     impls["hand-written SBS draw"] = lambda: draw_sbs(decoder, x, k, length)
     for step in impls.values():  # warm-up (and the first, validated, StorchELBO steps)
-        for _ in range(2):
+        for _ in range(1 if args.smoke else 2):
             step()
     times = {name: [] for name in impls}
     for _ in range(args.rounds):

@@ -29,7 +29,8 @@ is any row of the previous step, so every tensor computed *before* the step that
 sample dim (a decoder state, a token history) must be passed through ``seq.reorder(x)``
 *after* the sample and before it meets the new token: it gathers the rows of ``x`` by the
 parent indices of the step just drawn. Note the placement: a state computed from the
-previous rows and the new tokens would mix different sequences. ``reorder`` is the
+previous rows and the new tokens would mix different sequences (so ``reorder`` before the
+first step, the mark of a reorder at the top of the loop, raises). ``reorder`` is the
 identity for i.i.d. sampling and an expansion (each row repeated once per token) for
 :class:`~storch_pyro.estimators.Enumerate`. ``x``'s sample dim is found as for Pyro
 enumeration: left of its ``event_dim`` rightmost dims (default 1: a state ``[..., H]``;
@@ -209,6 +210,13 @@ class SequenceMessenger(Messenger):
         """``x`` with its rows gathered by the parent indices of the step just drawn (call it
         right after each sample on every earlier tensor with the sample dim; see the module
         docstring). ``event_dim``: how many rightmost dims of ``x`` are not batch dims."""
+        if not self._tokens:
+            raise StorchError(
+                f"sequence '{self.name}': seq.reorder was called before the first step. Call "
+                f"it right after each sample, on the tensors computed before that sample "
+                f"(state = step(seq.reorder(state), tok)): a state reordered at the top of the "
+                f"loop has already met the new tokens in the old row order."
+            )
         parents = self._last_parents
         if parents is None:
             return x

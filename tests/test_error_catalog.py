@@ -547,6 +547,18 @@ def _sequence_estimator():
     handlers.sequence("translation", estimator=estimators.ARM())
 
 
+def _sequence_reorder_first():
+    def model():
+        state = torch.zeros(3)
+        with handlers.sequence("translation") as seq:
+            for t in pyro.markov(range(2)):
+                state = seq.reorder(state)
+                tok = pyro.sample(f"tok_{t}", dist.Categorical(logits=state))
+                state = state + tok
+
+    storch.StorchELBO().differentiable_loss(model, None)
+
+
 def _sequence_in_guide():
     def guide():
         with handlers.sequence("translation"):
@@ -708,6 +720,9 @@ ENTRIES = {
     ),
     "sequence-estimator": Entry(
         _sequence_estimator, StorchError, "'translation'", "use ScoreFunction, UnorderedSet"
+    ),
+    "sequence-reorder-first": Entry(
+        _sequence_reorder_first, StorchError, "'translation'", "Call it right after each sample"
     ),
     "sequence-in-guide": Entry(
         _sequence_in_guide, StorchError, "'translation'", "StorchELBO with guide=None"

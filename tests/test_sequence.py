@@ -289,3 +289,52 @@ def test_importance_weighted_set_only_for_sequences():
 
     with pytest.raises(UnsupportedDistributionError, match="give it to handlers.sequence"):
         _run(model)
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(capsys):
+    """benchmarks/sequences.py runs end to end (tiny sizes) and prints its table (slow: ~7 s
+    on a busy 2-core machine, mostly the first, validated StorchELBO steps of a GRU)."""
+    from benchmarks import sequences
+
+    sequences.main(["--smoke"])
+    out = capsys.readouterr().out
+    assert "| storch SBS (UnorderedSet) |" in out and "target <= 1.3" in out
+    torch.set_num_threads(1)
+
+
+def test_moving_average_baseline_over_a_sequence():
+    """A stateful baseline keys its state by the sequence's name and keeps it unbiased in
+    value (the baseline term has value zero)."""
+    p, _ = T.params()
+    est = estimators.ScoreFunction(2, baseline=baselines.MovingAverage())
+    elbo = storch.StorchELBO()
+    for _ in range(3):
+        loss = elbo.differentiable_loss(T.model, None, p, None, est, None, False)
+    assert torch.isfinite(loss)
+    assert any("y" in name for name in pyro.get_param_store().keys())
+
+
+def test_reorder_gathers_by_parents_and_checks_rows():
+    """reorder gathers a state [k, H] by the parents of the step just drawn (the beam's
+    prefixes), leaves tensors without the sample dim alone, and names a row mismatch."""
+    seen = {}
+
+    def model():
+        state = torch.arange(3.0)
+        with handlers.sequence("s", estimator=estimators.UnorderedSet(4)) as seq:
+            tok0 = pyro.sample("t0", dist.Categorical(logits=torch.zeros(3)))
+            rows = torch.stack([tok0.float(), -tok0.float()], -1)  # [4, 2]: one per row
+            assert seq.reorder(state) is state  # no sample dim: unchanged
+            tok1 = pyro.sample("t1", dist.Categorical(logits=torch.zeros(3)))
+            seen["rows"] = seq.reorder(rows)
+            seen["tok1"] = tok1
+            with pytest.raises(StorchError, match="reorder got a tensor of shape \\(2, 2\\)"):
+                seq.reorder(torch.zeros(2, 2))
+        seen["values"] = seq.values()
+        storch.add_cost("f", seq.values().float().sum(-1))
+
+    storch.StorchELBO(max_plate_nesting=0).differentiable_loss(model, None)
+    tokens = seen["values"]  # [4, 2]
+    assert (seen["rows"][:, 0] == tokens[:, 0].float()).all()
+    assert (seen["tok1"] == tokens[:, 1]).all()
