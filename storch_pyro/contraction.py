@@ -65,7 +65,12 @@ class Chain:
     """The enumerated sites of one pass drawn inside ``pyro.markov`` (see the module
     docstring): their recycled dims and the belief over the live ones."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: bool = False) -> None:
+        #: Log-space (a model's enumerated sites in ELBO mode: the belief is a sum of
+        #: log-factors, eliminated by logsumexp), or a product of probabilities.
+        self.log = log
+        #: The plate stack of the chain's first site (for the cost :meth:`finish` adds).
+        self.stack: tuple = ()
         self.belief: Optional[torch.Tensor] = None
         #: Live chain dim -> (site, frame key).
         self.owners: Dict[int, Tuple[str, FrameKey]] = {}
@@ -77,6 +82,8 @@ class Chain:
         self.plates: Optional[FrozenSet[FrameKey]] = None
         self.first_site = ""
         self.version = 0
+        #: In log-space, the common scale of the factors.
+        self.scale = None
 
     # ---- dims ----------------------------------------------------------------------------
     def is_live(self, key: FrameKey) -> bool:
@@ -141,7 +148,10 @@ class Chain:
     def _eliminate(self, dim: int) -> None:
         belief = self.belief
         if belief is not None and _has_dim(belief, dim):
-            self.belief = belief.sum(dim, keepdim=True)
+            if self.log:
+                self.belief = belief.logsumexp(dim, keepdim=True)
+            else:
+                self.belief = belief.sum(dim, keepdim=True)
         del self.owners[dim]
 
     # ---- factors -------------------------------------------------------------------------
@@ -149,6 +159,7 @@ class Chain:
         plates = _plates(stack)
         if self.plates is None:
             self.plates = plates
+            self.stack = tuple(stack)
         elif not self.plates <= plates or (what == "enumerated" and plates != self.plates):
             raise StorchError(
                 f"site '{site}' ({what}, drawn per value of the enumerated sites of the "
@@ -175,6 +186,48 @@ class Chain:
         box = torch.exp(score - score.detach())
         self.belief = box if self.belief is None else self.belief * box
         self.version += 1
+
+    def add_factor(self, name: str, log_factor: torch.Tensor, scale, stack) -> None:
+        r"""Adds a log-factor of the model (:math:`\log p` of a site, scaled and masked, or
+        minus an ``add_cost`` cost) that depends on the chain's enumerated sites, summed over
+        the plates the chain is not in (a product of factors over their indices). As in
+        TraceEnum_ELBO, the factors are unscaled and their common ``scale`` (subsampling,
+        ``poutine.scale``) multiplies the log of the sum."""
+        if self.scale is None:
+            self.scale = scale
+        elif not (scale is self.scale or bool(torch.as_tensor(scale == self.scale).all())):
+            raise StorchError(
+                f"'{name}' depends on the enumerated model site(s) of the chain that starts "
+                f"at '{self.first_site}' but has another scale ({scale} vs {self.scale}): "
+                f"the sum over their values needs one common scale (subsampling, "
+                f"poutine.scale). Give the chain's sites and the sites that depend on them "
+                f"the same scale."
+            )
+        plates = _plates(stack)
+        if self.plates is None or not self.plates <= plates:
+            raise StorchError(
+                f"'{name}' depends on the enumerated model site(s) of the chain that starts "
+                f"at '{self.first_site}', but lies outside their plate(s) "
+                f"{sorted(k[0] for k in (self.plates or frozenset()) - plates)}; the sum "
+                f"over their values would be exponential in the plate size. Compute it "
+                f"inside those plates, or enumerate the site in the guide."
+            )
+        extra = [key[1] for key in plates - self.plates if _has_dim(log_factor, key[1])]
+        if extra:
+            log_factor = log_factor.sum(extra, keepdim=True)
+        self.belief = log_factor if self.belief is None else self.belief + log_factor
+
+    def finish(self) -> Optional[torch.Tensor]:
+        r"""In log-space: minus the log of the sum over the live sites' values of the
+        product of factors (per index of the chain's plates), :math:`-\log \sum_z
+        p(x, z)` (the variables already eliminated were summed as they were recycled)."""
+        belief = self.belief
+        if belief is None:
+            return None
+        dims = [d for d in self.owners if _has_dim(belief, d)]
+        for dim in sorted(dims):
+            belief = belief.logsumexp(dim, keepdim=True)
+        return -belief
 
     def carries(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` varies along a live chain dim."""

@@ -185,3 +185,63 @@ def test_cost_outside_markov_window_raises():
     elbo = storch.StorchELBO(max_plate_nesting=0, default_estimator=estimators.Enumerate())
     with pytest.raises(StorchError, match="cost 'late' depends on the enumerated site 'z_1'"):
         elbo.differentiable_loss(program, None)
+
+
+# ---- ELBO mode: a model's enumerated sites are summed out of p(x, z) ---------------------
+def _hmm_model_1(sequences, lengths, logits_x, logits_y):
+    """The shape of Pyro's examples/hmm.py ``model_1`` (parameters as arguments)."""
+    num_sequences, max_length, data_dim = sequences.shape
+    probs_x, probs_y = logits_x.softmax(-1), logits_y.sigmoid()
+    tones_plate = pyro.plate("tones", data_dim, dim=-1)
+    with pyro.plate("sequences", num_sequences, dim=-2) as batch:
+        lengths = lengths[batch]
+        x = 0
+        for t in pyro.markov(range(max_length)):
+            with pyro.poutine.mask(mask=(t < lengths).unsqueeze(-1)):
+                x = pyro.sample(f"x_{t}", dist.Categorical(probs_x[x]),
+                                infer={"enumerate": "parallel"})
+                with tones_plate:
+                    pyro.sample(f"y_{t}", dist.Bernoulli(probs_y[x.squeeze(-1)]),
+                                obs=sequences[batch, t])
+
+
+def _empty_guide(*args):
+    pass
+
+
+@pytest.mark.parametrize("max_length", [6, 40])
+def test_hmm_elbo_mode_equals_trace_enum(max_length):
+    from pyro.infer import TraceEnum_ELBO
+
+    hidden, data_dim = 3, 4
+    generator = torch.Generator().manual_seed(0)
+    sequences = torch.bernoulli(torch.full((3, max_length, data_dim), 0.4, dtype=torch.float64),
+                                generator=generator)
+    lengths = torch.tensor([max_length, max_length - 2, max_length - 3])
+    logits_x = torch.randn(hidden, hidden, dtype=torch.float64, generator=generator)
+    logits_y = torch.randn(hidden, data_dim, dtype=torch.float64, generator=generator)
+    params = [logits_x.requires_grad_(), logits_y.requires_grad_()]
+    args = (sequences, lengths, *params)
+    want = TraceEnum_ELBO(max_plate_nesting=2).differentiable_loss(
+        _hmm_model_1, _empty_guide, *args)
+    elbo = storch.StorchELBO(max_plate_nesting=2, default_estimator=estimators.Enumerate())
+    got = elbo.differentiable_loss(_hmm_model_1, _empty_guide, *args)
+    assert abs(float(got.detach()) - float(want.detach())) < 1e-5
+    for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        assert (g - w).abs().max() < 1e-5
+    assert abs(elbo.loss(_hmm_model_1, _empty_guide, *args) - float(want.detach())) < 1e-5
+
+
+def test_model_enumeration_sums_out_the_site():
+    """One enumerated model site, no guide sites: -log sum_z p(z) p(x | z), as
+    TraceEnum_ELBO (before, StorchELBO gave E_p[-log p(z) - log p(x | z)])."""
+    probs = torch.tensor([0.2, 0.5, 0.3])
+
+    def model():
+        z = pyro.sample("z", dist.Categorical(probs))
+        pyro.sample("x", dist.Normal(z.float(), 1.0), obs=torch.tensor(1.5))
+
+    elbo = storch.StorchELBO(max_plate_nesting=0, default_estimator=estimators.Enumerate())
+    log_lik = dist.Normal(torch.arange(3.0), 1.0).log_prob(torch.tensor(1.5))
+    exact = -(probs.log() + log_lik).logsumexp(0)
+    assert abs(elbo.loss(model, _empty_guide) - float(exact)) < 1e-6

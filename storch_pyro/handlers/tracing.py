@@ -185,13 +185,15 @@ class Run:
         self.frame_weights[key] = 1.0 / n_samples
         return dim, key
 
-    def allocate_chain_dim(self, site: str, n_samples: int, scope) -> Tuple[int, FrameKey]:
+    def allocate_chain_dim(
+        self, site: str, n_samples: int, scope, log: bool
+    ) -> Tuple[int, FrameKey]:
         """A sample dim for an enumerated site inside ``pyro.markov``: recycled from a
         site out of its window where one is free (:meth:`Chain.allocate`)."""
         if self.next_sample_dim is None:
             raise NeedsPlateNesting(site)
         if self.chain is None:
-            self.chain = Chain()
+            self.chain = Chain(log)
 
         def new_dim() -> int:
             dim = self.next_sample_dim
@@ -268,12 +270,12 @@ class Run:
                             f"Move '{site}' inside them, or give that site an estimator that "
                             f"samples (e.g. ScoreFunction)."
                         )
-                if not shapes and len(chain_dims) > len(marginal_dims):
+                if not shapes and len(chain_dims) > len(marginal_dims) and not chain.log:
                     # The belief over the chain dims may bring in frames it is
                     # conditioned on, whose weights may bring in more chain dims.
                     marginal_dims = list(chain_dims)
                     shapes.append(chain.marginal(marginal_dims).shape)
-            if chain_dims:
+            if chain_dims and not chain.log:
                 weight = weight * chain.marginal(chain_dims)
                 version = chain.version_key()
                 if version is not None:
@@ -300,6 +302,19 @@ class StorchMessenger(Messenger):
         self.role = role
         self._messages = run.messages.setdefault(role, [])
         self._pending: Dict[str, Tuple[Estimator, Optional[Baseline], Optional[int], Any]] = {}
+
+    def __exit__(self, *args, **kwargs):
+        chain = self.run.chain
+        if args and args[0] is None and chain is not None and chain.log and self.role == "model":
+            # The model's enumerated sites, summed out: one cost -log sum_z p(x, z).
+            value = chain.finish()
+            if value is not None:
+                name = chain.first_site + ":marginal"
+                chain.log = False  # recorded as a plain cost
+                ordinal, seq, weight = self.run.frames_of(value, chain.stack, name)
+                self._add_cost(name, value, chain.scale, 1.0, ordinal, seq, weight, chain.stack)
+                chain.log = True
+        return super().__exit__(*args, **kwargs)
 
     # ---- drawing -------------------------------------------------------------------------
     def _pyro_sample(self, msg: Message) -> None:
@@ -329,15 +344,21 @@ class StorchMessenger(Messenger):
         scope = msg["infer"].get("_markov_scope")
         if self.run.chain is not None:
             self.run.chain.check_inputs(name, fn.batch_shape, scope)
-        if (k > 1 and scope is not None and self.role == "scg" and self.run.flow is None
-                and type(estimator) is Enumerate):
-            sample_dim, own_frame = self.run.allocate_chain_dim(name, k, scope)
+        if (k > 1 and self.run.flow is None and type(estimator) is Enumerate
+                and (self.role == "model" or (self.role == "scg" and scope is not None))):
+            # A model's enumerated sites (ELBO mode) are summed out of p(x, z), as
+            # TraceEnum_ELBO does; a pure SCG's are contracted along pyro.markov.
+            sample_dim, own_frame = self.run.allocate_chain_dim(
+                name, k, scope, self.role == "model"
+            )
             # A recycled dim may lie right of the dims of the site's batch shape.
             support = fn.enumerate_support(expand=False)
             msg["value"] = support.reshape(
                 (k,) + (1,) * (-sample_dim - 1) + support.shape[1 + len(fn.batch_shape):]
             )
             msg["done"] = True
+            if self.role == "model":  # summed out, as Pyro marks model-side enumeration
+                msg["infer"]["_enumerate_dim"] = sample_dim
             self._pending[name] = (estimator, baseline, sample_dim, own_frame, None)
             return
         if k > 1:
@@ -416,7 +437,10 @@ class StorchMessenger(Messenger):
                 weights = estimator.sample_weights(fn, value, unmasked, state)
                 if weights is not None:
                     if run.chain is not None and run.chain.is_live(own_frame):
-                        run.chain.extend(name, weights, stack)
+                        if not run.chain.log:
+                            run.chain.extend(name, weights, stack)
+                        elif run.chain.plates is None:
+                            run.chain._check_plates(name, stack, "enumerated")
                     else:
                         run.frame_weights[own_frame] = weights
                     varying = frozenset(
@@ -437,6 +461,13 @@ class StorchMessenger(Messenger):
             chain = run.chain
             if chain is not None and "_markov_depth" in msg["infer"]:
                 chain.note_site(name, msg["infer"]["_markov_depth"], value, fn.event_dim)
+            if chain is not None and chain.log and chain.carries(unmasked) and not (
+                    own_frame is not None and chain.is_live(own_frame)):
+                raise StorchError(
+                    f"site '{name}' is drawn per value of enumerated model sites (summed "
+                    f"out of the model's joint density), which only enumerated sites can "
+                    f"be. Enumerate '{name}' too, or draw it in the guide."
+                )
             if chain is not None and self.role == "scg" and chain.carries(unmasked):
                 # Drawn per value of enumerated chain sites: the score joins the belief.
                 _check_foldable(name, estimator, baseline)
@@ -468,6 +499,9 @@ class StorchMessenger(Messenger):
             if self.role == "scg":
                 return
             sign = 1.0 if self.role == "guide" else -1.0
+            if chain is not None and chain.log and chain.is_live(own_frame):
+                # As TraceEnum_ELBO: an enumerated model site's factor is not masked.
+                masked = unmasked
             self._add_cost(name, masked, msg["scale"], sign, ordinal, seq, weight, stack, deps)
             return
         sign = 1.0 if self.role == "guide" else -1.0
@@ -489,6 +523,10 @@ class StorchMessenger(Messenger):
     def _add_cost(self, name, value, scale, sign, ordinal, seq, weight, stack,
                   deps=None) -> None:
         run = self.run
+        chain = run.chain
+        if chain is not None and chain.log and chain.carries(value):
+            chain.add_factor(name, -sign * value, scale, stack)
+            return
         if run.flow is not None:
             provenance = run.flow.of((value, weight, scale))
             found = run.flow.resolve(provenance, len(run.nodes), name)
