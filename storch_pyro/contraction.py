@@ -115,7 +115,8 @@ class Chain:
                     f"site '{site}' depends on the enumerated site '{owner}', which is "
                     f"outside its pyro.markov window: its dim {dim} is recycled by later "
                     f"enumerated sites, so the value would be wrong. Widen the window "
-                    f"(pyro.markov(..., history=...)), or draw '{site}' in the same step."
+                    f"(pyro.markov(..., history=...)), or make '{site}' depend only on the "
+                    f"sites of the steps in its window."
                 )
 
     def allocate(self, site: str, scope: Counter, new_dim) -> Tuple[int, FrameKey, bool]:
