@@ -247,6 +247,7 @@ class Run:
             chain = self.chain
             chain_dims: List[int] = []
             marginal_dims: List[int] = []
+            marginal = None
             while shapes:
                 shape = shapes.pop()
                 for dim, size, key in self.sample_frames:
@@ -274,9 +275,10 @@ class Run:
                     # The belief over the chain dims may bring in frames it is
                     # conditioned on, whose weights may bring in more chain dims.
                     marginal_dims = list(chain_dims)
-                    shapes.append(chain.marginal(marginal_dims).shape)
+                    marginal = chain.marginal(marginal_dims)
+                    shapes.append(marginal.shape)
             if chain_dims and not chain.log:
-                weight = weight * chain.marginal(chain_dims)
+                weight = weight * marginal
                 version = chain.version_key()
                 if version is not None:
                     included.append(version)
@@ -437,10 +439,19 @@ class StorchMessenger(Messenger):
                 weights = estimator.sample_weights(fn, value, unmasked, state)
                 if weights is not None:
                     if run.chain is not None and run.chain.is_live(own_frame):
-                        if not run.chain.log:
-                            run.chain.extend(name, weights, stack)
-                        elif run.chain.plates is None:
-                            run.chain._check_plates(name, stack, "enumerated")
+                        chain = run.chain
+                        if "_markov_depth" in msg["infer"]:
+                            chain.note_site(name, msg["infer"]["_markov_depth"], value,
+                                            fn.event_dim)
+                        if not chain.log:
+                            chain.extend(name, weights, stack)
+                            return  # in a pure SCG: neither a node nor a cost
+                        if chain.plates is None:
+                            chain._check_plates(name, stack, "enumerated")
+                        # In a model: a factor of p(x, z), as TraceEnum_ELBO, unmasked.
+                        self._add_cost(name, unmasked, msg["scale"], -1.0, None, (), 1.0,
+                                       stack)
+                        return
                     else:
                         run.frame_weights[own_frame] = weights
                     varying = frozenset(
@@ -499,9 +510,6 @@ class StorchMessenger(Messenger):
             if self.role == "scg":
                 return
             sign = 1.0 if self.role == "guide" else -1.0
-            if chain is not None and chain.log and chain.is_live(own_frame):
-                # As TraceEnum_ELBO: an enumerated model site's factor is not masked.
-                masked = unmasked
             self._add_cost(name, masked, msg["scale"], sign, ordinal, seq, weight, stack, deps)
             return
         sign = 1.0 if self.role == "guide" else -1.0
