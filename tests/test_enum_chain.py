@@ -245,3 +245,47 @@ def test_model_enumeration_sums_out_the_site():
     log_lik = dist.Normal(torch.arange(3.0), 1.0).log_prob(torch.tensor(1.5))
     exact = -(probs.log() + log_lik).logsumexp(0)
     assert abs(elbo.loss(model, _empty_guide) - float(exact)) < 1e-6
+
+
+@pytest.mark.parametrize("credit", ["order", "data_flow"])
+def test_guide_sampled_model_enumerated_is_unbiased(credit):
+    """A guide site sampled by ScoreFunction, a model site enumerated (summed out of
+    p(x, z)) per data point: the mean gradient over 30 batches of 1000 vectorized particles
+    is within 4.5 s.e. of TraceEnum_ELBO's exact one (the guide site enumerated too).
+    Power: the measured s.e. is at most 0.025 per coordinate (gradients up to 1.02), so
+    a bias above ~0.11 fails; the marginal cost -log sum_x p(x, y | s) recorded without
+    the guide score's credit fails at 15 s.e. (order) and 700 s.e. (data_flow)."""
+
+    from pyro.infer import TraceEnum_ELBO
+
+    data = torch.tensor([0.3, -1.2, 2.0, 0.8, -0.4])
+    phi = torch.tensor(0.2, requires_grad=True)
+    mu = torch.tensor([-1.0, 0.5, 1.5], requires_grad=True)
+    logits = torch.tensor([[0.2, -0.3, 0.1], [0.5, 0.0, -1.0]], requires_grad=True)
+    params = [phi, mu, logits]
+
+    def model(enumerate_in_model):
+        s = pyro.sample("s", dist.Bernoulli(0.4))
+        with pyro.plate("data", len(data)):
+            x = storch.sample("x", dist.Categorical(logits=logits[s.long()]),
+                              estimator=estimators.Enumerate(),
+                              infer={"enumerate": "parallel"} if enumerate_in_model else {})
+            pyro.sample("y", dist.Normal(mu[x], 1.0), obs=data)
+
+    def guide(enumerate_in_model, enumerate_guide=False):
+        storch.sample("s", dist.Bernoulli(logits=phi), estimator=estimators.ScoreFunction(),
+                      infer={"enumerate": "parallel"} if enumerate_guide else {})
+
+    exact = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
+        lambda: model(True), lambda: guide(True, True))
+    exact = torch.cat([g.flatten() for g in torch.autograd.grad(exact, params)])
+    elbo = storch.StorchELBO(num_particles=1000, vectorize_particles=True,
+                             max_plate_nesting=1, credit=credit)
+    draws = []
+    for _ in range(30):
+        loss = elbo.differentiable_loss(lambda: model(False), lambda: guide(False))
+        draws.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    draws = torch.stack(draws)
+    mean, se = draws.mean(0), draws.std(0) / 30 ** 0.5
+    assert se.max() < 0.05, se
+    assert ((mean - exact).abs() < 4.5 * se.clamp(min=1e-6)).all(), (mean, exact, se)

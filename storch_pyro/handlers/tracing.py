@@ -314,7 +314,9 @@ class StorchMessenger(Messenger):
                 name = chain.first_site + ":marginal"
                 chain.log = False  # recorded as a plain cost
                 ordinal, seq, weight = self.run.frames_of(value, chain.stack, name)
-                self._add_cost(name, value, chain.scale, 1.0, ordinal, seq, weight, chain.stack)
+                # Credit by order (every guide site's score), also under credit="data_flow".
+                self._add_cost(name, value, chain.scale, 1.0, ordinal, seq, weight,
+                               chain.stack, by_order=True)
                 chain.log = True
         return super().__exit__(*args, **kwargs)
 
@@ -346,8 +348,9 @@ class StorchMessenger(Messenger):
         scope = msg["infer"].get("_markov_scope")
         if self.run.chain is not None:
             self.run.chain.check_inputs(name, fn.batch_shape, scope)
-        if (k > 1 and self.run.flow is None and type(estimator) is Enumerate
-                and (self.role == "model" or (self.role == "scg" and scope is not None))):
+        if (k > 1 and type(estimator) is Enumerate
+                and (self.role == "model"
+                     or (self.role == "scg" and scope is not None and self.run.flow is None))):
             # A model's enumerated sites (ELBO mode) are summed out of p(x, z), as
             # TraceEnum_ELBO does; a pure SCG's are contracted along pyro.markov.
             sample_dim, own_frame = self.run.allocate_chain_dim(
@@ -529,13 +532,13 @@ class StorchMessenger(Messenger):
         self._add_cost(msg["name"], value, msg["scale"], 1.0, ordinal, seq, weight, stack)
 
     def _add_cost(self, name, value, scale, sign, ordinal, seq, weight, stack,
-                  deps=None) -> None:
+                  deps=None, by_order: bool = False) -> None:
         run = self.run
         chain = run.chain
         if chain is not None and chain.log and chain.carries(value):
             chain.add_factor(name, -sign * value, scale, stack)
             return
-        if run.flow is not None:
+        if run.flow is not None and not by_order:
             provenance = run.flow.of((value, weight, scale))
             found = run.flow.resolve(provenance, len(run.nodes), name)
             deps = found if deps is None else deps | found
