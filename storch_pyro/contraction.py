@@ -194,9 +194,12 @@ class Chain:
         the plates the chain is not in (a product of factors over their indices). As in
         TraceEnum_ELBO, the factors are unscaled and their common ``scale`` (subsampling,
         ``poutine.scale``) multiplies the log of the sum."""
+        same = self.scale is None or scale is self.scale or scale == self.scale
+        if isinstance(same, torch.Tensor):
+            same = bool(same.all())
         if self.scale is None:
             self.scale = scale
-        elif not (scale is self.scale or bool(torch.as_tensor(scale == self.scale).all())):
+        elif not same:
             raise StorchError(
                 f"'{name}' depends on the enumerated model site(s) of the chain that starts "
                 f"at '{self.first_site}' but has another scale ({scale} vs {self.scale}): "
