@@ -36,7 +36,7 @@ class Enumerate(Estimator):
     Along a ``pyro.markov`` chain (in a model without guide) the sites recycle their dims and
     the expected costs come from variable elimination, linear in the chain's length; in a
     model with a guide (ELBO mode) a site the guide lacks is summed out of the joint
-    density, :math:`-\log \sum_z p(x, z)`, as ``TraceEnum_ELBO`` does
+    density, :math:`-\\log \\sum_z p(x, z)`, as ``TraceEnum_ELBO`` does
     (:mod:`storch_pyro.contraction`).
 
     Example::
