@@ -505,6 +505,118 @@ def _guide_messenger():
     _elbo_step(model, AutoNormalMessenger(model))
 
 
+def _markov_window_site():
+    def model():
+        a = storch.sample("z_0", dist.Categorical(logits=torch.zeros(2)))
+        b = storch.sample("z_1", dist.Categorical(logits=torch.zeros(2, 2)[a]))
+        for t in pyro.markov(range(2, 5)):  # history=1, but z_t depends on z_{t-2}
+            a, b = b, storch.sample(f"z_{t}", dist.Categorical(logits=torch.zeros(2, 2)[a]))
+            storch.add_cost(f"c_{t}", b.float())
+
+    _elbo_step(model, max_plate_nesting=0, default_estimator=estimators.Enumerate())
+
+
+def _markov_window_cost():
+    def model():
+        kept = []
+        older = newer = storch.sample("z_0", dist.Categorical(logits=torch.zeros(2)))
+        for t in pyro.markov(range(1, 5)):
+            older, newer = newer, storch.sample(
+                f"z_{t}", dist.Categorical(logits=torch.zeros(2, 2)[newer]))
+            if t == 2:
+                kept.append(older)
+            if t == 4:
+                storch.add_cost("late", (newer + kept[0]).float())
+
+    _elbo_step(model, max_plate_nesting=0, default_estimator=estimators.Enumerate())
+
+
+def _enumerated_chain_baseline():
+    def model():
+        z = torch.tensor(0)
+        for t in pyro.markov(range(3)):
+            estimator = estimators.Enumerate() if t == 0 else estimators.ScoreFunction(
+                baseline=baselines.MovingAverage())
+            z = storch.sample(f"z_{t}", dist.Categorical(logits=torch.zeros(2, 2)[z]),
+                              estimator=estimator)
+            storch.add_cost(f"c_{t}", z.float())
+
+    _elbo_step(model, max_plate_nesting=0)
+
+
+def _model_enumeration_sampled_site():
+    def model():
+        z = storch.sample("z", dist.Categorical(logits=torch.zeros(2)),
+                          estimator=estimators.Enumerate())
+        y = storch.sample("y", dist.Normal(z.float(), 1.0), estimator=estimators.Pathwise())
+        pyro.sample("x", dist.Normal(y, 1.0), obs=torch.tensor(0.5))
+
+    _elbo_step(model, lambda: None, max_plate_nesting=0)
+
+
+def _sequence_step(body, **kwargs):
+    def model():
+        with handlers.sequence("translation", **kwargs):
+            body()
+
+    storch.StorchELBO(max_plate_nesting=0).differentiable_loss(model, None)
+
+
+def _sequence_nested():
+    def body():
+        with handlers.sequence("inner"):
+            pyro.sample("tok_0", dist.Categorical(logits=torch.zeros(3)))
+
+    _sequence_step(body)
+
+
+def _sequence_site_estimator():
+    _sequence_step(lambda: storch.sample("tok_0", dist.Categorical(logits=torch.zeros(3)),
+                                         estimator=estimators.ScoreFunction()))
+
+
+def _sequence_too_many_samples():
+    _sequence_step(lambda: pyro.sample("tok_0", dist.Categorical(logits=torch.zeros(3))),
+                   estimator=estimators.UnorderedSet(4))
+
+
+def _sequence_rows():
+    def body():
+        pyro.sample("tok_0", dist.Categorical(logits=torch.zeros(3)))
+        pyro.sample("tok_0_beam_1", dist.Categorical(logits=torch.zeros(2, 3)))
+
+    _sequence_step(body, estimator=estimators.UnorderedSet(4))
+
+
+def _sequence_step_distribution():
+    _sequence_step(lambda: pyro.sample("tok_0", dist.Normal(0.0, 1.0)))
+
+
+def _sequence_estimator():
+    handlers.sequence("translation", estimator=estimators.ARM())
+
+
+def _sequence_reorder_first():
+    def model():
+        state = torch.zeros(3)
+        with handlers.sequence("translation") as seq:
+            for t in pyro.markov(range(2)):
+                state = seq.reorder(state)
+                tok = pyro.sample(f"tok_{t}", dist.Categorical(logits=state))
+                state = state + tok
+
+    storch.StorchELBO().differentiable_loss(model, None)
+
+
+def _sequence_in_guide():
+    def guide():
+        with handlers.sequence("translation"):
+            pyro.sample("tok_0", dist.Categorical(logits=torch.zeros(3)))
+
+    storch.StorchELBO().differentiable_loss(
+        lambda: pyro.sample("tok_0", dist.Categorical(logits=torch.zeros(3))), guide)
+
+
 ENTRIES = {
     "unsupported-distribution": Entry(
         _unsupported_distribution, UnsupportedDistributionError, "'coin'",
@@ -574,6 +686,18 @@ ENTRIES = {
     "enumerated-cost-outside-plate": Entry(
         _enumerated_cost_outside_plate, StorchError, "'total'", "Move 'total' inside them"
     ),
+    "markov-window-site": Entry(
+        _markov_window_site, StorchError, "'z_4'", "pyro.markov(..., history=...)"
+    ),
+    "markov-window-cost": Entry(
+        _markov_window_cost, StorchError, "'late'", "widen the window"
+    ),
+    "enumerated-chain-baseline": Entry(
+        _enumerated_chain_baseline, StorchError, "'z_1'", "Use ScoreFunction() without a"
+    ),
+    "model-enumeration-sampled-site": Entry(
+        _model_enumeration_sampled_site, StorchError, "'y'", "draw it in the guide"
+    ),
     "pyro-baseline-option": Entry(
         _pyro_baseline_option, StorchError, "'z'", "use only ['baseline_beta'"
     ),
@@ -638,6 +762,31 @@ ENTRIES = {
     ),
     "pyro-model-guide-checks": Entry(
         _pyro_model_guide_check, ValueError, '"z"', "enclose the batched tensor in a"
+    ),
+    "sequence-nested": Entry(
+        _sequence_nested, StorchError, "'inner'", "Draw the inner choices as steps"
+    ),
+    "sequence-site-estimator": Entry(
+        _sequence_site_estimator, StorchError, "'tok_0'", "drop it at the site"
+    ),
+    "sequence-too-many-samples": Entry(
+        _sequence_too_many_samples, StorchError, "'translation'", "Lower n_samples"
+    ),
+    "sequence-rows": Entry(
+        _sequence_rows, StorchError, "'tok_0_beam_1'", "Draw ONE site per step"
+    ),
+    "sequence-step-distribution": Entry(
+        _sequence_step_distribution, UnsupportedDistributionError, "'tok_0'",
+        "draw other variables outside"
+    ),
+    "sequence-estimator": Entry(
+        _sequence_estimator, StorchError, "'translation'", "use ScoreFunction, UnorderedSet"
+    ),
+    "sequence-reorder-first": Entry(
+        _sequence_reorder_first, StorchError, "'translation'", "Call it right after each sample"
+    ),
+    "sequence-in-guide": Entry(
+        _sequence_in_guide, StorchError, "'translation'", "StorchELBO with guide=None"
     ),
 }
 

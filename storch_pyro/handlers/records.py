@@ -8,12 +8,18 @@ import torch
 from pyro.poutine.runtime import Message
 
 from storch_pyro.baselines import Baseline
+from storch_pyro.contraction import Chain
 from storch_pyro.errors import StorchError
 from storch_pyro.estimators.base import Draw, Estimator, Site, Terms
 
 #: A frame key: (name, dim, counter); dim is None for sequential plates.
 FrameKey = Tuple[str, Optional[int], int]
 SAMPLE_FRAME_PREFIX = "storch_pyro.samples:"
+#: ``msg["infer"]`` key of sample sites and costs that a :func:`~storch_pyro.handlers.sequence`
+#: draws and records itself (:class:`~storch_pyro.handlers.tracing.StorchMessenger` skips
+#: them; the sequence registers one node and its costs through
+#: :meth:`~storch_pyro.handlers.tracing.StorchMessenger.record_cost` when it closes).
+SEQUENCE_KEY = "storch_pyro.sequence"
 
 
 @dataclass(slots=True)
@@ -110,6 +116,10 @@ class Run:
         #: Credit by data flow: the provenance of the run's tensors
         #: (:class:`~storch_pyro.data_flow.DataFlow`); ``None`` for credit by order.
         self.flow: Any = None
+        #: The enumerated sites drawn inside ``pyro.markov`` in a pure stochastic
+        #: computation graph, contracted by variable elimination
+        #: (:mod:`storch_pyro.contraction`); ``None`` until the first one.
+        self.chain: Optional[Chain] = None
 
     def raise_deferred(self) -> None:
         """Raises the error recorded for a mask of the wrong shape, if any.
@@ -166,6 +176,25 @@ class Run:
         self.frame_weights[key] = 1.0 / n_samples
         return dim, key
 
+    def allocate_chain_dim(
+        self, site: str, n_samples: int, scope, log: bool
+    ) -> Tuple[int, FrameKey]:
+        """A sample dim for an enumerated site inside ``pyro.markov``: recycled from a
+        site out of its window where one is free (:meth:`Chain.allocate`)."""
+        if self.chain is None:
+            self.chain = Chain(log)
+
+        def new_dim() -> int:
+            dim = self.next_sample_dim
+            self.next_sample_dim -= 1
+            return dim
+
+        dim, key, fresh = self.chain.allocate(site, scope, new_dim)
+        if not fresh:
+            self.sample_frames = [frame for frame in self.sample_frames if frame[0] != dim]
+        self.sample_frames.append((dim, n_samples, key))
+        return dim, key
+
     def weight_of(self, ordinal) -> Any:
         """Product of the sample weights of the sample frames in ``ordinal``."""
         weight = 1.0
@@ -204,16 +233,23 @@ class Run:
             plates = frozenset(keys)
             included = []
             shapes = [tensor.shape]
+            chain = self.chain
+            chain_dims: List[int] = []
+            marginal_dims: List[int] = []
+            marginal = None
             while shapes:
                 shape = shapes.pop()
                 for dim, size, key in self.sample_frames:
                     if key in included or len(shape) < -dim or shape[dim] == 1:
                         continue
                     included.append(key)
-                    frame_weight = self.frame_weights[key]
-                    weight = weight * frame_weight
-                    if isinstance(frame_weight, torch.Tensor):
-                        shapes.append(frame_weight.shape)
+                    if chain is not None and chain.is_live(key):
+                        chain_dims.append(dim)
+                    else:
+                        frame_weight = self.frame_weights[key]
+                        weight = weight * frame_weight
+                        if isinstance(frame_weight, torch.Tensor):
+                            shapes.append(frame_weight.shape)
                     needed = self.frame_plates.get(key)
                     if needed is not None and not needed <= plates:
                         raise StorchError(
@@ -224,6 +260,17 @@ class Run:
                             f"Move '{site}' inside them, or give that site an estimator that "
                             f"samples (e.g. ScoreFunction)."
                         )
+                if not shapes and len(chain_dims) > len(marginal_dims) and not chain.log:
+                    # The belief over the chain dims may bring in frames it is
+                    # conditioned on, whose weights may bring in more chain dims.
+                    marginal_dims = list(chain_dims)
+                    marginal = chain.marginal(marginal_dims)
+                    shapes.append(marginal.shape)
+            if chain_dims and not chain.log:
+                weight = weight * marginal
+                version = chain.version_key()
+                if version is not None:
+                    included.append(version)
             keys.extend(included)
         seq = tuple((f.name, f.counter) for f in stack if f.dim is None)
         return frozenset(keys), seq, weight

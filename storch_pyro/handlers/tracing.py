@@ -8,7 +8,7 @@ every cost with its plates and its position in execution order. Which estimator 
 is :mod:`storch_pyro.handlers.resolution`'s job.
 """
 
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from pyro.distributions.util import scale_and_mask
@@ -16,10 +16,26 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 from pyro.poutine.subsample_messenger import _Subsample
 
+from storch_pyro.baselines import Baseline
 from storch_pyro.errors import MaskShapeError, StorchError
-from storch_pyro.estimators.base import Site, adds_terms, log_prob_error, without_masks
+from storch_pyro.estimators.base import (
+    Draw,
+    Estimator,
+    Site,
+    adds_terms,
+    log_prob_error,
+    without_masks,
+)
+from storch_pyro.estimators.enumeration import Enumerate
 from storch_pyro.handlers.config import _SiteConfigMessenger
-from storch_pyro.handlers.records import SAMPLE_FRAME_PREFIX, Cost, FrameKey, Node, Run
+from storch_pyro.handlers.records import (
+    SAMPLE_FRAME_PREFIX,
+    SEQUENCE_KEY,
+    Cost,
+    FrameKey,
+    Node,
+    Run,
+)
 from storch_pyro.handlers.resolution import (
     SiteConfig,
     mark_replayed,
@@ -52,6 +68,21 @@ class StorchMessenger(Messenger):
         self._outer = outer_config_handlers(self)
         return result
 
+    def __exit__(self, *args, **kwargs):
+        chain = self.run.chain
+        if args and args[0] is None and chain is not None and chain.log and self.role == "model":
+            # The model's enumerated sites, summed out: one cost -log sum_z p(x, z).
+            value = chain.finish()
+            if value is not None:
+                name = chain.first_site + ":marginal"
+                chain.log = False  # recorded as a plain cost
+                ordinal, seq, weight = self.run.frames_of(value, chain.stack, name)
+                # Credit by order (every guide site's score), also under credit="data_flow".
+                self._add_cost(name, value, chain.scale, 1.0, ordinal, seq, weight,
+                               chain.stack, by_order=True)
+                chain.log = True
+        return super().__exit__(*args, **kwargs)
+
     # ---- drawing -------------------------------------------------------------------------
     def _pyro_sample(self, msg: Message) -> None:
         name = msg["name"]
@@ -78,6 +109,35 @@ class StorchMessenger(Messenger):
             check_batch_shape()
         site = Site(name, fn, run.next_sample_dim, run.max_plate_nesting, run.args, run.kwargs,
                     None if run.sample_frames else check_batch_shape)
+        scope = msg["infer"].get("_markov_scope")
+        if run.chain is not None:
+            run.chain.check_inputs(name, fn.batch_shape, scope)
+        if (type(estimator) is Enumerate
+                and (self.role == "model"
+                     or (self.role == "scg" and scope is not None and run.flow is None))):
+            # A model's enumerated sites (ELBO mode) are summed out of p(x, z), as
+            # TraceEnum_ELBO does; a pure SCG's are contracted along pyro.markov.
+            support = fn.enumerate_support(expand=False)
+            k = support.shape[0]
+            if k > 1:
+                if not run.sample_frames:
+                    check_batch_shape()
+                sample_dim, own_frame = run.allocate_chain_dim(
+                    name, k, scope, self.role == "model"
+                )
+                # A recycled dim may lie right of the dims of the site's batch shape.
+                value = support.reshape(
+                    (k,) + (1,) * (-sample_dim - 1) + support.shape[1 + len(fn.batch_shape):]
+                )
+                msg["value"] = value
+                msg["done"] = True
+                if self.role == "model":  # summed out, as Pyro marks model-side enumeration
+                    msg["infer"]["_enumerate_dim"] = sample_dim
+                site.sample_dim = sample_dim
+                draw = Draw(value, size=k, weights=site.log_prob(value).exp())
+                baseline = config.baseline_for(name, estimator, draw)
+                self._pending[name] = (estimator, baseline, site, draw, own_frame)
+                return
         draw = estimator.draw(site)
         baseline = config.baseline_for(name, estimator, draw)
         own_frame = None
@@ -100,7 +160,7 @@ class StorchMessenger(Messenger):
             if self.role == "guide":
                 run.guide_values[name] = value
             return
-        if msg["infer"].get("_deterministic"):
+        if msg["infer"].get("_deterministic") or SEQUENCE_KEY in msg["infer"]:
             return
         pending = self._pending.pop(name, None)
         stack = msg["cond_indep_stack"]
@@ -144,6 +204,19 @@ class StorchMessenger(Messenger):
         if pending is not None:
             if own_frame is not None and draw.weights is not None:
                 weights = draw.weights
+                if run.chain is not None and run.chain.is_live(own_frame):
+                    chain = run.chain
+                    if "_markov_depth" in msg["infer"]:
+                        chain.note_site(name, msg["infer"]["_markov_depth"], value,
+                                        fn.event_dim)
+                    if not chain.log:
+                        chain.extend(name, weights, stack)
+                        return  # in a pure SCG: neither a node nor a cost
+                    if chain.plates is None:
+                        chain._check_plates(name, stack, "enumerated")
+                    # In a model: a factor of p(x, z), as TraceEnum_ELBO, unmasked.
+                    self._add_cost(name, unmasked, msg["scale"], -1.0, None, (), 1.0, stack)
+                    return
                 run.frame_weights[own_frame] = weights
                 varying = frozenset(
                     (f.name, f.dim, f.counter) for f in stack if f.dim is not None
@@ -160,7 +233,23 @@ class StorchMessenger(Messenger):
                 # What the site's distribution (and so its value) can depend on.
                 provenance = flow.of((log_prob, unmasked, value, weight))
                 deps = flow.resolve(provenance, len(run.nodes), name)
+            chain = run.chain
+            if chain is not None and "_markov_depth" in msg["infer"]:
+                chain.note_site(name, msg["infer"]["_markov_depth"], value, fn.event_dim)
+            if chain is not None and chain.log and chain.carries(unmasked) and not (
+                    own_frame is not None and chain.is_live(own_frame)):
+                raise StorchError(
+                    f"site '{name}' is drawn per value of enumerated model sites (summed "
+                    f"out of the model's joint density), which only enumerated sites can "
+                    f"be. Enumerate '{name}' too, or draw it in the guide."
+                )
             score = draw.score
+            if chain is not None and self.role == "scg" and chain.carries(unmasked):
+                # Drawn per value of enumerated chain sites: the score joins the belief.
+                _check_foldable(name, estimator, baseline)
+                if score is not None:
+                    chain.fold(name, score, stack)
+                return
             if score is not None or adds_terms(estimator):
                 direct = None
                 if (flow is not None and score is unmasked and self.role != "scg"
@@ -190,6 +279,8 @@ class StorchMessenger(Messenger):
         self._add_cost(name, masked, msg["scale"], sign, ordinal, seq, weight, stack)
 
     def _pyro_post_storch_cost(self, msg: Message) -> None:
+        if SEQUENCE_KEY in msg["infer"]:
+            return
         value = msg["value"]
         if not isinstance(value, torch.Tensor):
             raise TypeError(
@@ -201,10 +292,21 @@ class StorchMessenger(Messenger):
         ordinal, seq, weight = self.run.frames_of(value, stack, msg["name"])
         self._add_cost(msg["name"], value, msg["scale"], 1.0, ordinal, seq, weight, stack)
 
+    def record_cost(self, name: str, value: torch.Tensor, scale: Any, stack) -> None:
+        """Records an ``add_cost`` cost (already masked) with the frames of ``value``: the hook
+        through which a :func:`~storch_pyro.handlers.sequence` adds the costs computed inside
+        it once its node is registered (so its score term multiplies them)."""
+        ordinal, seq, weight = self.run.frames_of(value, stack, name)
+        self._add_cost(name, value, scale, 1.0, ordinal, seq, weight, stack)
+
     def _add_cost(self, name, value, scale, sign, ordinal, seq, weight, stack,
-                  deps=None) -> None:
+                  deps=None, by_order: bool = False) -> None:
         run = self.run
-        if run.flow is not None:
+        chain = run.chain
+        if chain is not None and chain.log and chain.carries(value):
+            chain.add_factor(name, -sign * value, scale, stack)
+            return
+        if run.flow is not None and not by_order:
             provenance = run.flow.of((value, weight, scale))
             found = run.flow.resolve(provenance, len(run.nodes), name)
             deps = found if deps is None else deps | found
@@ -213,6 +315,22 @@ class StorchMessenger(Messenger):
             value = value * scale
         run.costs.append(
             Cost(name, value, sign, ordinal, seq, len(run.nodes), weight, deps)
+        )
+
+
+def _check_foldable(name: str, estimator: Estimator, baseline: Optional[Baseline]) -> None:
+    """A sampled site drawn per value of enumerated chain sites enters the chain's belief
+    by its score term alone (:meth:`Chain.fold`)."""
+    if baseline is not None or adds_terms(estimator):
+        what = (
+            "a baseline" if baseline is not None
+            else f"{type(estimator).__name__}'s control term"
+        )
+        raise StorchError(
+            f"site '{name}' is drawn per value of enumerated sites of a pyro.markov chain "
+            f"(contracted by variable elimination), where {what} is not supported. Use "
+            f"ScoreFunction() without a baseline there, enumerate the site too, or draw it "
+            f"outside pyro.markov."
         )
 
 
@@ -264,6 +382,7 @@ def _reduce_to_frames(value: torch.Tensor, stack, run: Run) -> torch.Tensor:
 
 __all__ = [
     "SAMPLE_FRAME_PREFIX",
+    "SEQUENCE_KEY",
     "Cost",
     "FrameKey",
     "Node",
