@@ -254,7 +254,8 @@ def test_reordered_draws_have_the_categorical_distribution(order):
     torch.manual_seed(0)
     logits = torch.tensor(LOGITS, dtype=F64)
     fn = dist.Categorical(logits=logits)
-    z, _ = estimators.DisARM(n_samples=100_000, order=order).draw(fn, (200_000,))
+    site = estimators.Site("z", fn, sample_dim=-2)  # the pairs' dim left of the batch dim
+    z = estimators.DisARM(n_samples=100_000, order=order).draw(site).value
     assert z.shape == (200_000, 2)
     frequency = torch.stack([(z == k).to(F64).mean(0) for k in range(4)], -1)
     probs = logits.softmax(-1)
