@@ -80,8 +80,39 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.quick)
             unmatched.difference_update(matched)
     if unmatched and config.args_source == pytest.Config.ArgsSource.TESTPATHS:
-        raise pytest.UsageError(f"tests/conftest.py: QUICK patterns match no test: "
-                                f"{sorted(unmatched)}")
+        message = f"tests/conftest.py: QUICK patterns match no test: {sorted(unmatched)}"
+        if not hasattr(config, "workerinput"):
+            raise pytest.UsageError(message)
+        # Under pytest-xdist (-n) each worker collects the whole suite and runs this hook,
+        # but a worker's UsageError reaches the user as an INTERNALERROR without its message:
+        # a test that fails with it is run first instead, kept whatever ``-m``/``-k`` select.
+        config.stash[_QUICK_ERROR] = message
+
+
+_QUICK_ERROR = pytest.StashKey[str]()
+
+
+class _QuickPatternsError(pytest.Item):
+    """Fails with the message of unmatched :data:`QUICK` patterns (under pytest-xdist)."""
+
+    def __init__(self, *, message: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.message = message
+
+    def runtest(self) -> None:
+        pytest.fail(self.message, pytrace=False)
+
+    def reportinfo(self):
+        return self.path, None, "tests/conftest.py: QUICK"
+
+
+@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
+def pytest_collection_modifyitems_quick_error(session, config, items):
+    """After ``-m`` and ``-k`` deselected: the failing test is kept whatever they select."""
+    message = config.stash.get(_QUICK_ERROR, None)
+    if message is not None:
+        items.insert(0, _QuickPatternsError.from_parent(session, name="QUICK_patterns",
+                                                        message=message))
 
 
 @pytest.fixture(autouse=True)

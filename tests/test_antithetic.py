@@ -3,7 +3,9 @@
 Same standard as ``test_unbiased.py``: the mean of ``n`` independent gradient estimates is
 compared with the EXACT gradient (enumeration of the whole discrete support, or Pyro's
 ``TraceEnum_ELBO`` with every guide site enumerated), coordinate by coordinate, within 4.5
-standard errors (a false alarm rate of about 7e-6 per coordinate), under a fixed seed. Each
+standard errors (a false alarm rate of about 7e-6 per coordinate), under a fixed seed (the toy
+tests of sections 1 and 4 draw their ``n`` estimates at once, as ``n`` copies of the program
+in a plate: :func:`copies_gradients`). Each
 test states its power (the standard error relative to the gradient). Variance bounds leave
 room above figures measured over seeds 0-4 (given with each test) and, where they exist, the
 exact variances computed below. Second order is not promised for ARM/DisARM and not tested.
@@ -50,9 +52,28 @@ def _leaf(values, dtype=None) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype or torch.get_default_dtype(), requires_grad=True)
 
 
-def _gradient_samples(loss_fn, params, n) -> torch.Tensor:
-    """``n`` flattened gradient estimates, stacked (n, dim)."""
-    return torch.stack([flat_grad(loss_fn(), params) for _ in range(n)])
+def copies_gradients(model, values, n, *args) -> torch.Tensor:
+    """``n`` independent gradient estimates of ``model(x, *args)`` at ``x = values`` (shape
+    (3,)), stacked (n, 3), drawn in one call: the model runs in ``plate("copies", n)`` with
+    its own copy of ``x`` per index (left of the model's own plate, if it has one), and the
+    gradient w.r.t. copy ``i`` is one estimate (a site's terms only multiply the costs at
+    its own plate index). The same estimates as ``n`` calls, vectorized."""
+    dim = -1 if model in EVENT_MODELS else -2
+    x = torch.tensor(values).expand(n, len(values)).clone().requires_grad_()
+
+    def copies(x, *args):
+        with pyro.plate("copies", n, dim=dim):
+            model(x, *args)
+
+    loss = storch.StorchELBO(max_plate_nesting=-dim).differentiable_loss(copies, None, x, *args)
+    return torch.autograd.grad(loss, [x])[0]
+
+
+def copies_stats(model, values, n, exact, *args) -> GradientStats:
+    """:func:`copies_gradients` summarized as :func:`gradient_stats` does."""
+    samples = copies_gradients(model, values, n, *args)
+    variance = samples.var(0)
+    return GradientStats(samples.mean(0), variance, (variance / n).sqrt(), n, exact)
 
 
 # ==== 1. the Bernoulli toy, pure SCG mode: exact gradient by summing over the 8 outcomes =====
@@ -109,6 +130,8 @@ def nonlinear_plate_model(phi, estimator):
     storch.add_cost("c", ((b * WEIGHTS).sum(-1, keepdim=True) - 0.7) ** 2)
 
 
+EVENT_MODELS = (bernoulli_event_model, probs_event_model, nonlinear_event_model)
+
 ANTITHETIC = [
     pytest.param(lambda: estimators.ARM(), id="arm"),
     pytest.param(lambda: estimators.DisARM(), id="disarm"),
@@ -126,15 +149,10 @@ def test_bernoulli_toy_unbiased(model, make_estimator):
     # exact below (section 4): ARM to_event (0.105, 0.093, 0.140), plate (0.027, 0.023,
     # 0.006); DisARM at most that. At n=3000 the s.e. is <= 0.0068 for every case, so a bias
     # of 0.031 (13% of the largest coordinates) fails; in the plate variants <= 0.003 (6%).
-    phi = _leaf(PHI)
-    estimator = make_estimator()
-    elbo = storch.StorchELBO()
     exact = exact_gradient(separable_cost, lambda x: dist.Bernoulli(logits=x), PHI)
     p = torch.sigmoid(torch.tensor(PHI))
     assert torch.allclose(exact, p * (1 - p) * (1 - 2 * TARGET), atol=1e-6)
-    stats = gradient_stats(
-        lambda: elbo.differentiable_loss(model, None, phi, estimator), [phi], 3000, exact
-    )
+    stats = copies_stats(model, PHI, 3000, exact, make_estimator())
     assert_unbiased(stats)
     assert stats.std_error.max() < 0.007  # the power claimed above
 
@@ -147,14 +165,9 @@ def test_bernoulli_toy_probs_parametrization_unbiased(model, make_estimator):
     # Measured s.e. at n=2000 (seeds 0-2) <= 0.062 (to_event; largest at p = 0.85, where the
     # chain rule's 1 / (p (1 - p)) = 7.8) and <= 0.020 (plate): a bias of 0.28 (to_event) or
     # 0.09 (plate; 9% of the largest coordinates) fails.
-    p = _leaf(PROBS)
-    estimator = make_estimator()
-    elbo = storch.StorchELBO()
     exact = exact_gradient(separable_cost, lambda x: dist.Bernoulli(probs=x), PROBS)
     assert torch.allclose(exact, 1 - 2 * TARGET, atol=1e-5)
-    stats = gradient_stats(
-        lambda: elbo.differentiable_loss(model, None, p, estimator), [p], 2000, exact
-    )
+    stats = copies_stats(model, PROBS, 2000, exact, make_estimator())
     assert_unbiased(stats)
     assert stats.std_error.max() < (0.065 if model is probs_event_model else 0.021)
 
@@ -168,13 +181,8 @@ def test_bernoulli_toy_nonlinear_cost_unbiased(model, make_estimator):
     # Measured s.e. at n=2000 (seeds 0-2) <= 0.006: a bias of 0.029 (21% of the largest
     # coordinate) fails. Both forms draw the same values from the same seed, so they must
     # agree draw by draw (checked in test_event_and_plate_forms_agree_draw_by_draw).
-    phi = _leaf(PHI)
-    estimator = make_estimator()
-    elbo = storch.StorchELBO()
     exact = exact_gradient(nonlinear_cost, lambda x: dist.Bernoulli(logits=x), PHI)
-    stats = gradient_stats(
-        lambda: elbo.differentiable_loss(model, None, phi, estimator), [phi], 2000, exact
-    )
+    stats = copies_stats(model, PHI, 2000, exact, make_estimator())
     assert_unbiased(stats)
     assert stats.std_error.max() < 0.0065
 
@@ -724,12 +732,7 @@ def test_variance_ordering_on_toy(model, form, bounds):
     total = {}
     for kind, make_estimator in TOY_VARIANCE_ESTIMATORS.items():
         pyro.set_rng_seed(0)
-        phi = _leaf(PHI)
-        estimator = make_estimator()
-        elbo = storch.StorchELBO()
-        samples = _gradient_samples(
-            lambda: elbo.differentiable_loss(model, None, phi, estimator), [phi], n
-        ).double()
+        samples = copies_gradients(model, PHI, n, make_estimator()).double()
         variance = samples.var(0)
         centered = samples - samples.mean(0)
         # s.e. of a sample variance: Var(s^2) = (m4 - (n - 3) / (n - 1) s^4) / n

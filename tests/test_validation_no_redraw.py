@@ -192,3 +192,35 @@ def test_first_draw_needing_a_sample_dim_is_not_discarded():
     ):
         se = samples.std() / n ** 0.5
         assert abs(samples.mean() - exact) < 4.5 * se
+
+
+def test_loss_validation_modes_draw_the_same_values():
+    """``loss()`` validates as ``differentiable_loss`` does (a validated structure is not
+    validated again): its repeated calls return the very same values in the three modes,
+    both structures occurring among them."""
+    results = []
+    for mode in MODES:
+        pyro.set_rng_seed(1)
+        with pyro.validation_enabled(mode != "off"):
+            elbo = storch.StorchELBO(validate_every_step=mode == "every_step")
+            t = torch.tensor(-2.0)
+            results.append(torch.tensor([elbo.loss(_rare_branch, None, t) for _ in range(200)]))
+    for values in results[1:]:
+        assert torch.equal(values, results[0])
+    assert 0 < int((results[0] > 5).sum()) < 200
+
+
+def test_loss_data_outside_the_support_on_a_new_structure_is_still_caught():
+    """``loss()`` on a structure not seen before is validated after the fact, also when an
+    earlier call validated another structure."""
+    def model(flag):
+        if flag:
+            pyro.sample("x", dist.Bernoulli(0.3), obs=torch.tensor(2.0))
+        else:
+            pyro.sample("y", dist.Bernoulli(0.3), obs=torch.tensor(1.0))
+
+    elbo = storch.StorchELBO()
+    elbo.loss(model, None, False)
+    elbo.loss(model, None, False)
+    with pytest.raises(ValueError, match="site 'x'.*support"):
+        elbo.loss(model, None, True)
