@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import storch_pyro as storch
-from storch_pyro import baselines, estimators
+from storch_pyro import baselines, estimators, handlers
 from tests import checkpoint_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,6 +134,22 @@ def _onehot_site(estimator):
     return model
 
 
+def _sequence(estimator):
+    """Estimators that work over sequences only (:func:`storch_pyro.handlers.sequence`)."""
+
+    def model(x):
+        logits = pyro.param("logits", torch.zeros(2, 3))
+        with pyro.plate("data", 2):
+            with handlers.sequence("y", estimator=estimator) as seq:
+                state = torch.zeros(2, 3)
+                for t in pyro.markov(range(2)):
+                    tok = storch.sample(f"tok_{t}", dist.Categorical(logits=state + logits))
+                    state = seq.reorder(state) + torch.nn.functional.one_hot(tok, 3)
+            storch.add_cost("c", (seq.values()[..., 0] - x) ** 2)
+
+    return model
+
+
 def _normal_site(estimator):
     def model(x):
         loc = pyro.param("loc", torch.zeros(2))
@@ -171,7 +187,9 @@ TRAINED_ESTIMATORS = {
     "GumbelRao": [(lambda: estimators.GumbelRao(0.5, 3), _onehot_site)],
     "MeasureValued": [(estimators.MeasureValued, _normal_site),
                       (estimators.MeasureValued, _onehot_site)],
-    "UnorderedSet": [(lambda: estimators.UnorderedSet(2), _onehot_site)],
+    "UnorderedSet": [(lambda: estimators.UnorderedSet(2), _onehot_site),
+                     (lambda: estimators.UnorderedSet(2), _sequence)],
+    "ImportanceWeightedSet": [(lambda: estimators.ImportanceWeightedSet(2), _sequence)],
     "REBAR": [(estimators.REBAR, _bernoulli_site)],
     "RELAX": [(lambda: estimators.RELAX(checkpoint_run.Pointwise(), rebar_term=True),
                _bernoulli_site)],
