@@ -102,9 +102,11 @@ class DataFlow:
     """The provenance of one run's tensors in terms of stochastic node indices.
 
     ``table`` may be shared with :class:`~storch_pyro.sample_dims.SampleDimChecks` (its keys
-    are sample frames, tuples; ours are ints and :data:`UNKNOWN`)."""
+    are sample frames, tuples; ours are ints and :data:`UNKNOWN`). ``warned``: the names
+    already warned about (shared by a loss's runs, so each is named once per loss)."""
 
-    def __init__(self, table: Optional[ProvenanceTable] = None) -> None:
+    def __init__(self, table: Optional[ProvenanceTable] = None,
+                 warned: Optional[set] = None) -> None:
         self.table = table if table is not None else ProvenanceTable()
         #: Nodes whose values reached Python control flow so far.
         self.control: FrozenSet = _EMPTY
@@ -113,7 +115,7 @@ class DataFlow:
         #: Tensors with autograd history that a torch function made: id -> weakref.
         self.seen: dict = {}
         self.start = _sequence_nr()
-        self._warned: set = set()
+        self._warned: set = warned if warned is not None else set()
 
     def mode(self) -> "_FlowProvenance":
         return _FlowProvenance(self)
@@ -152,7 +154,7 @@ class DataFlow:
 
     def resolve(self, provenance: FrozenSet, n_before: int, name: str) -> FrozenSet[int]:
         """The node indices of ``provenance``: all ``n_before`` earlier nodes where it was
-        lost (order-based credit for that record), with a warning naming it once."""
+        lost (order-based credit for that record), with a warning naming it once per loss."""
         if UNKNOWN not in provenance:
             return frozenset(key for key in provenance if type(key) is int)
         if name not in self._warned:
