@@ -446,3 +446,29 @@ def test_dependency_structure_rebuilt_every_step():
         pyro.set_rng_seed(step)
         run = elbo._get_trace(switch_model, switch_guide, (flag,), {})
         assert _deps(run, "x") == ({"z0"} if flag else {"z1"})
+
+
+# ==== AIR: chained discrete steps, Pyro's baseline annotation ==============================
+
+
+def test_air_same_draws_as_tracegraph():
+    """Attend-Infer-Repeat (``benchmarks/air.py``: z_pres steps chained through an LSTM, a
+    learned baseline given by Pyro's ``baseline_value`` annotation, masks, spatial
+    transformers): per draw (same seed) the gradient of every parameter, the baseline
+    network's included, is TraceGraph_ELBO's, so the variance ratio is 1 (order credit:
+    0.94x on the guide after training, see benchmarks/RESULTS.md section 5b)."""
+    from benchmarks import air
+
+    torch.manual_seed(0)
+    net, data = air.AIR(), air.multi_digits(4)
+    for seed in (0,):
+        grads = []
+        for loss in (storch.StorchELBO(credit="data_flow", max_plate_nesting=1),
+                     TraceGraph_ELBO(max_plate_nesting=1)):
+            pyro.set_rng_seed(seed)
+            net.zero_grad()
+            loss.loss_and_grads(net.model, net.guide, data)
+            grads.append({name: p.grad.clone() for name, p in net.named_parameters()})
+        for name, theirs in grads[1].items():  # float32 round-off, per parameter tensor
+            error = (grads[0][name] - theirs).abs().max()
+            assert error <= 1e-5 * theirs.abs().max(), (seed, name, error)
