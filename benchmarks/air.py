@@ -14,13 +14,15 @@ under seed ``i`` for every loss (the losses draw the same samples under one seed
 comparison is paired), and per parameter group the total variance (sum over coordinates)
 and its ratio to TraceGraph_ELBO's, with a standard error by the delta method over the
 paired draws. Parameters are those at initialization, or after ``--train`` SVI steps of
-TraceGraph_ELBO (so the baseline network has learned something).
+TraceGraph_ELBO (so the baseline network has learned something). The ms/step column is
+the median over ``--rounds`` interleaved rounds of 5 ``loss_and_grads`` calls per loss.
 
-    python -m benchmarks.air --draws 500 --train 200
+    python -m benchmarks.air --draws 500 --train 0 200
 """
 
 import argparse
 import math
+import os
 import time
 from typing import Dict, List, Tuple
 
@@ -199,6 +201,22 @@ def gradients(air: AIR, loss, data: torch.Tensor, draws: int
     return {g: torch.stack(v) for g, v in out.items()}, sorted(times)[draws // 2]
 
 
+def timing(air: AIR, data: torch.Tensor, rounds: int, steps: int = 5) -> Dict[str, float]:
+    """Median seconds per ``loss_and_grads`` of each loss, over interleaved rounds."""
+    times: Dict[str, List[float]] = {name: [] for name in losses()}
+    named = losses()
+    for name, loss in named.items():  # warm-up (and the first step's validation)
+        loss.loss_and_grads(air.model, air.guide, data)
+    for _ in range(rounds):
+        for name, loss in named.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                loss.loss_and_grads(air.model, air.guide, data)
+            times[name].append((time.perf_counter() - start) / steps)
+    air.zero_grad()
+    return {name: sorted(ts)[rounds // 2] for name, ts in times.items()}
+
+
 def variance_ratio(a: torch.Tensor, b: torch.Tensor) -> Tuple[float, float]:
     """``tr Var(a) / tr Var(b)`` over paired draws (rows), and its delta-method s.e.:
     with :math:`u_i = \\|a_i - \\bar a\\|^2`, :math:`v_i = \\|b_i - \\bar b\\|^2`,
@@ -211,18 +229,19 @@ def variance_ratio(a: torch.Tensor, b: torch.Tensor) -> Tuple[float, float]:
     return ratio, se
 
 
-def measure(draws: int, train_steps: int, n_data: int = 32) -> dict:
+def measure(draws: int, train_steps: int, rounds: int, n_data: int = 32) -> dict:
     pyro.clear_param_store()
     torch.manual_seed(0)
     air = AIR()
     data = multi_digits(n_data)
     if train_steps:
         train(air, data, train_steps)
-    results = {name: gradients(air, loss, data, draws) for name, loss in losses().items()}
-    reference = results["TraceGraph_ELBO"][0]
+    results = {name: gradients(air, loss, data, draws)[0] for name, loss in losses().items()}
+    seconds = timing(air, data, rounds)
+    reference = results["TraceGraph_ELBO"]
     table = {}
-    for name, (grads, seconds) in results.items():
-        table[name] = {"ms": 1e3 * seconds,
+    for name, grads in results.items():
+        table[name] = {"ms": 1e3 * seconds[name],
                        **{g: variance_ratio(grads[g], reference[g]) for g in AIR.groups}}
     return table
 
@@ -232,13 +251,16 @@ def main(argv=None) -> None:
     parser.add_argument("--draws", type=int, default=500)
     parser.add_argument("--train", type=int, nargs="+", default=[0, 200],
                         help="TraceGraph_ELBO SVI steps before measuring (one table each)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     pyro.enable_validation(True)
     for steps in args.train:
-        table = measure(args.draws, steps)
+        table = measure(args.draws, steps, args.rounds)
+        load = os.getloadavg()[0]
         print(f"\nAIR, {STEPS} steps, 32 canvases, {args.draws} paired draws, after {steps} "
-              f"TraceGraph_ELBO steps; total gradient variance / TraceGraph_ELBO's (± s.e.)\n")
+              f"TraceGraph_ELBO steps; total gradient variance / TraceGraph_ELBO's (± s.e.); "
+              f"load average {load:.1f}\n")
         print("| loss | ms/step | " + " | ".join(AIR.groups) + " |")
         print("|:--|--:|" + "--:|" * len(AIR.groups))
         for name, row in table.items():
