@@ -505,6 +505,69 @@ def _guide_messenger():
     _elbo_step(model, AutoNormalMessenger(model))
 
 
+def _sequence_step(body, **kwargs):
+    def model():
+        with handlers.sequence("translation", **kwargs):
+            body()
+
+    storch.StorchELBO(max_plate_nesting=0).differentiable_loss(model, None)
+
+
+def _sequence_nested():
+    def body():
+        with handlers.sequence("inner"):
+            pyro.sample("tok_0", dist.Categorical(logits=torch.zeros(3)))
+
+    _sequence_step(body)
+
+
+def _sequence_site_estimator():
+    _sequence_step(lambda: storch.sample("tok_0", dist.Categorical(logits=torch.zeros(3)),
+                                         estimator=estimators.ScoreFunction()))
+
+
+def _sequence_too_many_samples():
+    _sequence_step(lambda: pyro.sample("tok_0", dist.Categorical(logits=torch.zeros(3))),
+                   estimator=estimators.UnorderedSet(4))
+
+
+def _sequence_rows():
+    def body():
+        pyro.sample("tok_0", dist.Categorical(logits=torch.zeros(3)))
+        pyro.sample("tok_0_beam_1", dist.Categorical(logits=torch.zeros(2, 3)))
+
+    _sequence_step(body, estimator=estimators.UnorderedSet(4))
+
+
+def _sequence_step_distribution():
+    _sequence_step(lambda: pyro.sample("tok_0", dist.Normal(0.0, 1.0)))
+
+
+def _sequence_estimator():
+    handlers.sequence("translation", estimator=estimators.ARM())
+
+
+def _sequence_reorder_first():
+    def model():
+        state = torch.zeros(3)
+        with handlers.sequence("translation") as seq:
+            for t in pyro.markov(range(2)):
+                state = seq.reorder(state)
+                tok = pyro.sample(f"tok_{t}", dist.Categorical(logits=state))
+                state = state + tok
+
+    storch.StorchELBO().differentiable_loss(model, None)
+
+
+def _sequence_in_guide():
+    def guide():
+        with handlers.sequence("translation"):
+            pyro.sample("tok_0", dist.Categorical(logits=torch.zeros(3)))
+
+    storch.StorchELBO().differentiable_loss(
+        lambda: pyro.sample("tok_0", dist.Categorical(logits=torch.zeros(3))), guide)
+
+
 ENTRIES = {
     "unsupported-distribution": Entry(
         _unsupported_distribution, UnsupportedDistributionError, "'coin'",
@@ -638,6 +701,31 @@ ENTRIES = {
     ),
     "pyro-model-guide-checks": Entry(
         _pyro_model_guide_check, ValueError, '"z"', "enclose the batched tensor in a"
+    ),
+    "sequence-nested": Entry(
+        _sequence_nested, StorchError, "'inner'", "Draw the inner choices as steps"
+    ),
+    "sequence-site-estimator": Entry(
+        _sequence_site_estimator, StorchError, "'tok_0'", "drop it at the site"
+    ),
+    "sequence-too-many-samples": Entry(
+        _sequence_too_many_samples, StorchError, "'translation'", "Lower n_samples"
+    ),
+    "sequence-rows": Entry(
+        _sequence_rows, StorchError, "'tok_0_beam_1'", "Draw ONE site per step"
+    ),
+    "sequence-step-distribution": Entry(
+        _sequence_step_distribution, UnsupportedDistributionError, "'tok_0'",
+        "draw other variables outside"
+    ),
+    "sequence-estimator": Entry(
+        _sequence_estimator, StorchError, "'translation'", "use ScoreFunction, UnorderedSet"
+    ),
+    "sequence-reorder-first": Entry(
+        _sequence_reorder_first, StorchError, "'translation'", "Call it right after each sample"
+    ),
+    "sequence-in-guide": Entry(
+        _sequence_in_guide, StorchError, "'translation'", "StorchELBO with guide=None"
     ),
 }
 

@@ -5,6 +5,7 @@ from storch_pyro.estimators.base import Estimator, working_estimators
 from storch_pyro.estimators.control_variates import LAX, REBAR, RELAX
 from storch_pyro.estimators.enumeration import Enumerate, SumAndSample
 from storch_pyro.estimators.gumbel_rao import GumbelRao
+from storch_pyro.estimators.importance_set import ImportanceWeightedSet
 from storch_pyro.estimators.measure_valued import MeasureValued
 from storch_pyro.estimators.pathwise import Pathwise
 from storch_pyro.estimators.relaxation import GumbelSoftmax, StraightThrough
@@ -18,6 +19,7 @@ __all__ = [
     "Estimator",
     "GumbelRao",
     "GumbelSoftmax",
+    "ImportanceWeightedSet",
     "LAX",
     "MeasureValued",
     "Pathwise",

@@ -31,6 +31,10 @@ from storch_pyro.site_options import INFER_KEY
 #: A frame key: (name, dim, counter); dim is None for sequential plates.
 FrameKey = Tuple[str, Optional[int], int]
 SAMPLE_FRAME_PREFIX = "storch_pyro.samples:"
+#: ``msg["infer"]`` key of sample sites and costs that a :func:`~storch_pyro.handlers.sequence`
+#: draws and records itself (:class:`StorchMessenger` skips them; the sequence registers one
+#: node and its costs through :meth:`StorchMessenger.record_cost` when it closes).
+SEQUENCE_KEY = "storch_pyro.sequence"
 
 _DEFAULT_PATHWISE = Pathwise()
 _DEFAULT_SCORE_FUNCTION = ScoreFunction()
@@ -311,7 +315,7 @@ class StorchMessenger(Messenger):
             if self.role == "guide":
                 run.guide_values[name] = value
             return
-        if msg["infer"].get("_deterministic"):
+        if msg["infer"].get("_deterministic") or SEQUENCE_KEY in msg["infer"]:
             return
         pending = self._pending.pop(name, None)
         stack = msg["cond_indep_stack"]
@@ -408,6 +412,8 @@ class StorchMessenger(Messenger):
         self._add_cost(name, masked, msg["scale"], sign, ordinal, seq, weight, stack)
 
     def _pyro_post_storch_cost(self, msg: Message) -> None:
+        if SEQUENCE_KEY in msg["infer"]:
+            return
         value = msg["value"]
         if not isinstance(value, torch.Tensor):
             raise TypeError(
@@ -418,6 +424,13 @@ class StorchMessenger(Messenger):
         value = scale_and_mask(value, 1.0, msg["mask"])
         ordinal, seq, weight = self.run.frames_of(value, stack, msg["name"])
         self._add_cost(msg["name"], value, msg["scale"], 1.0, ordinal, seq, weight, stack)
+
+    def record_cost(self, name: str, value: torch.Tensor, scale: Any, stack) -> None:
+        """Records an ``add_cost`` cost (already masked) with the frames of ``value``: the hook
+        through which a :func:`~storch_pyro.handlers.sequence` adds the costs computed inside
+        it once its node is registered (so its score term multiplies them)."""
+        ordinal, seq, weight = self.run.frames_of(value, stack, name)
+        self._add_cost(name, value, scale, 1.0, ordinal, seq, weight, stack)
 
     def _add_cost(self, name, value, scale, sign, ordinal, seq, weight, stack,
                   deps=None) -> None:
