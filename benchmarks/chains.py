@@ -191,3 +191,38 @@ def print_chain_table(kind: str, results: dict) -> None:
         reference = next(v for k, v in medians.items() if "hand-written" in k)
         for name, seconds in medians.items():
             print(f"| {T} | {name} | {1e3 * seconds:.3f} | {seconds / reference:.2f}x |")
+
+
+# ---- contraction order -----------------------------------------------------------------------
+def compare_contraction(T: int) -> dict:
+    """Seconds to sum a chain of ``T`` binary sites out of its log-factors: one
+    ``pyro.ops.contract.contract_to_tensor`` call over all ``T`` factors (what contracting at
+    the end of a run would do, before any cost is attached) against the sequential
+    elimination in ``pyro.markov`` order that :mod:`storch_pyro.contraction` does as the
+    program runs. ``python -c "import torch; torch.set_num_threads(1); from
+    benchmarks.chains import compare_contraction as c; print(c(1000))"``."""
+    from collections import OrderedDict
+
+    import opt_einsum
+    from pyro.ops.contract import contract_to_tensor
+    from pyro.ops.rings import LogRing
+
+    transition, init, _ = _chain_params()
+    transition, init = transition.log_softmax(-1), init.log_softmax(-1)
+    symbols = [opt_einsum.get_symbol(i) for i in range(T)]
+    factors = [init.clone()]
+    factors[0]._pyro_dims = symbols[0]
+    for t in range(1, T):
+        factor = transition.clone()
+        factor._pyro_dims = symbols[t - 1] + symbols[t]
+        factors.append(factor)
+    start = time.perf_counter()
+    contract_to_tensor(OrderedDict([(frozenset(), factors)]), set(symbols), ring=LogRing())
+    contracted = time.perf_counter() - start
+    start = time.perf_counter()
+    belief = init
+    for _ in range(1, T):
+        belief = (belief.unsqueeze(-1) + transition).logsumexp(0)
+    belief.logsumexp(0)
+    sequential = time.perf_counter() - start
+    return {"pyro.ops.contract (one call)": contracted, "sequential elimination": sequential}

@@ -197,8 +197,11 @@ class SampleDimChecks:
         sizes = {key: size for _, size, key in self.run.sample_frames}
         for cost in costs[self._n_costs:]:
             provenance = self.table.get(cost.value)
+            # A key without a size is an enumerated chain site's whose dim was recycled
+            # (storch_pyro.contraction): the cost used a value out of its markov window.
             lost = [key for key in provenance
-                    if type(key) is tuple and key not in cost.ordinal and sizes[key] > 1]
+                    if type(key) is tuple and key not in cost.ordinal
+                    and sizes.get(key, 2) > 1]
             if lost:
                 self.lost.append((cost.name, sorted(lost, key=lambda key: -key[1])))
         self._n_costs = len(costs)
@@ -209,6 +212,17 @@ class SampleDimChecks:
         if not self.lost:
             return
         cost, keys = self.lost[0]
+        chain = self.run.chain
+        stale = [chain.describe_stale(key) for key in keys] if chain is not None else []
+        stale = [text for text in stale if text is not None]
+        if stale:
+            raise StorchError(
+                f"cost '{cost}' depends on {stale[0]}: the dim of that site's values was "
+                f"recycled for a later site, so the cost would silently use that site's "
+                f"values instead. Compute the cost in a step whose pyro.markov window holds "
+                f"the site (e.g. in the same step), or widen the window "
+                f"(pyro.markov(..., history=...))."
+            )
         sites = ", ".join(_describe_frame(self.run, key) for key in keys)
         raise StorchError(
             f"cost '{cost}' depends on the samples of site(s) {sites}, but lacks their sample "

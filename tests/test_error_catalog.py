@@ -505,6 +505,55 @@ def _guide_messenger():
     _elbo_step(model, AutoNormalMessenger(model))
 
 
+def _markov_window_site():
+    def model():
+        a = storch.sample("z_0", dist.Categorical(logits=torch.zeros(2)))
+        b = storch.sample("z_1", dist.Categorical(logits=torch.zeros(2, 2)[a]))
+        for t in pyro.markov(range(2, 5)):  # history=1, but z_t depends on z_{t-2}
+            a, b = b, storch.sample(f"z_{t}", dist.Categorical(logits=torch.zeros(2, 2)[a]))
+            storch.add_cost(f"c_{t}", b.float())
+
+    _elbo_step(model, max_plate_nesting=0, default_estimator=estimators.Enumerate())
+
+
+def _markov_window_cost():
+    def model():
+        kept = []
+        older = newer = storch.sample("z_0", dist.Categorical(logits=torch.zeros(2)))
+        for t in pyro.markov(range(1, 5)):
+            older, newer = newer, storch.sample(
+                f"z_{t}", dist.Categorical(logits=torch.zeros(2, 2)[newer]))
+            if t == 2:
+                kept.append(older)
+            if t == 4:
+                storch.add_cost("late", (newer + kept[0]).float())
+
+    _elbo_step(model, max_plate_nesting=0, default_estimator=estimators.Enumerate())
+
+
+def _enumerated_chain_baseline():
+    def model():
+        z = torch.tensor(0)
+        for t in pyro.markov(range(3)):
+            estimator = estimators.Enumerate() if t == 0 else estimators.ScoreFunction(
+                baseline=baselines.MovingAverage())
+            z = storch.sample(f"z_{t}", dist.Categorical(logits=torch.zeros(2, 2)[z]),
+                              estimator=estimator)
+            storch.add_cost(f"c_{t}", z.float())
+
+    _elbo_step(model, max_plate_nesting=0)
+
+
+def _model_enumeration_sampled_site():
+    def model():
+        z = storch.sample("z", dist.Categorical(logits=torch.zeros(2)),
+                          estimator=estimators.Enumerate())
+        y = storch.sample("y", dist.Normal(z.float(), 1.0), estimator=estimators.Pathwise())
+        pyro.sample("x", dist.Normal(y, 1.0), obs=torch.tensor(0.5))
+
+    _elbo_step(model, lambda: None, max_plate_nesting=0)
+
+
 def _sequence_step(body, **kwargs):
     def model():
         with handlers.sequence("translation", **kwargs):
@@ -636,6 +685,18 @@ ENTRIES = {
     ),
     "enumerated-cost-outside-plate": Entry(
         _enumerated_cost_outside_plate, StorchError, "'total'", "Move 'total' inside them"
+    ),
+    "markov-window-site": Entry(
+        _markov_window_site, StorchError, "'z_4'", "pyro.markov(..., history=...)"
+    ),
+    "markov-window-cost": Entry(
+        _markov_window_cost, StorchError, "'late'", "widen the window"
+    ),
+    "enumerated-chain-baseline": Entry(
+        _enumerated_chain_baseline, StorchError, "'z_1'", "Use ScoreFunction() without a"
+    ),
+    "model-enumeration-sampled-site": Entry(
+        _model_enumeration_sampled_site, StorchError, "'y'", "draw it in the guide"
     ),
     "pyro-baseline-option": Entry(
         _pyro_baseline_option, StorchError, "'z'", "use only ['baseline_beta'"

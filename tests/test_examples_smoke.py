@@ -18,6 +18,7 @@ NEEDS = {
     "hard_attention": (["matplotlib"], ["accuracy.png"]),
     "lightning_vae": (["sklearn", "lightning"], []),
     "rl_cartpole": (["matplotlib", "gymnasium"], ["returns.png"]),
+    "sequence_reward": (["matplotlib", "sacrebleu"], ["bleu.png"]),
     "vi_continuous": (["matplotlib"], ["elbo.png"]),
 }
 

@@ -17,8 +17,10 @@ from pyro.poutine.runtime import _PYRO_STACK, Message
 from pyro.poutine.subsample_messenger import _Subsample
 
 from storch_pyro.baselines import Baseline, _PyroAnnotation
+from storch_pyro.contraction import Chain
 from storch_pyro.errors import MaskShapeError, StorchError
 from storch_pyro.estimators.base import Estimator
+from storch_pyro.estimators.enumeration import Enumerate
 from storch_pyro.estimators.pathwise import Pathwise
 from storch_pyro.estimators.score_function import ScoreFunction
 from storch_pyro.handlers.config import (
@@ -126,6 +128,10 @@ class Run:
         #: Credit by data flow: the provenance of the run's tensors
         #: (:class:`~storch_pyro.data_flow.DataFlow`); ``None`` for credit by order.
         self.flow: Any = None
+        #: The enumerated sites drawn inside ``pyro.markov`` in a pure stochastic
+        #: computation graph, contracted by variable elimination
+        #: (:mod:`storch_pyro.contraction`); ``None`` until the first one.
+        self.chain: Optional[Chain] = None
 
     def raise_deferred(self) -> None:
         """Raises the error recorded for a mask of the wrong shape, if any.
@@ -183,6 +189,27 @@ class Run:
         self.frame_weights[key] = 1.0 / n_samples
         return dim, key
 
+    def allocate_chain_dim(
+        self, site: str, n_samples: int, scope, log: bool
+    ) -> Tuple[int, FrameKey]:
+        """A sample dim for an enumerated site inside ``pyro.markov``: recycled from a
+        site out of its window where one is free (:meth:`Chain.allocate`)."""
+        if self.next_sample_dim is None:
+            raise NeedsPlateNesting(site)
+        if self.chain is None:
+            self.chain = Chain(log)
+
+        def new_dim() -> int:
+            dim = self.next_sample_dim
+            self.next_sample_dim -= 1
+            return dim
+
+        dim, key, fresh = self.chain.allocate(site, scope, new_dim)
+        if not fresh:
+            self.sample_frames = [frame for frame in self.sample_frames if frame[0] != dim]
+        self.sample_frames.append((dim, n_samples, key))
+        return dim, key
+
     def weight_of(self, ordinal) -> Any:
         """Product of the sample weights of the sample frames in ``ordinal``."""
         weight = 1.0
@@ -221,16 +248,23 @@ class Run:
             plates = frozenset(keys)
             included = []
             shapes = [tensor.shape]
+            chain = self.chain
+            chain_dims: List[int] = []
+            marginal_dims: List[int] = []
+            marginal = None
             while shapes:
                 shape = shapes.pop()
                 for dim, size, key in self.sample_frames:
                     if key in included or len(shape) < -dim or shape[dim] == 1:
                         continue
                     included.append(key)
-                    frame_weight = self.frame_weights[key]
-                    weight = weight * frame_weight
-                    if isinstance(frame_weight, torch.Tensor):
-                        shapes.append(frame_weight.shape)
+                    if chain is not None and chain.is_live(key):
+                        chain_dims.append(dim)
+                    else:
+                        frame_weight = self.frame_weights[key]
+                        weight = weight * frame_weight
+                        if isinstance(frame_weight, torch.Tensor):
+                            shapes.append(frame_weight.shape)
                     needed = self.frame_plates.get(key)
                     if needed is not None and not needed <= plates:
                         raise StorchError(
@@ -241,6 +275,17 @@ class Run:
                             f"Move '{site}' inside them, or give that site an estimator that "
                             f"samples (e.g. ScoreFunction)."
                         )
+                if not shapes and len(chain_dims) > len(marginal_dims) and not chain.log:
+                    # The belief over the chain dims may bring in frames it is
+                    # conditioned on, whose weights may bring in more chain dims.
+                    marginal_dims = list(chain_dims)
+                    marginal = chain.marginal(marginal_dims)
+                    shapes.append(marginal.shape)
+            if chain_dims and not chain.log:
+                weight = weight * marginal
+                version = chain.version_key()
+                if version is not None:
+                    included.append(version)
             keys.extend(included)
         seq = tuple((f.name, f.counter) for f in stack if f.dim is None)
         return frozenset(keys), seq, weight
@@ -263,6 +308,21 @@ class StorchMessenger(Messenger):
         self.role = role
         self._messages = run.messages.setdefault(role, [])
         self._pending: Dict[str, Tuple[Estimator, Optional[Baseline], Optional[int], Any]] = {}
+
+    def __exit__(self, *args, **kwargs):
+        chain = self.run.chain
+        if args and args[0] is None and chain is not None and chain.log and self.role == "model":
+            # The model's enumerated sites, summed out: one cost -log sum_z p(x, z).
+            value = chain.finish()
+            if value is not None:
+                name = chain.first_site + ":marginal"
+                chain.log = False  # recorded as a plain cost
+                ordinal, seq, weight = self.run.frames_of(value, chain.stack, name)
+                # Credit by order (every guide site's score), also under credit="data_flow".
+                self._add_cost(name, value, chain.scale, 1.0, ordinal, seq, weight,
+                               chain.stack, by_order=True)
+                chain.log = True
+        return super().__exit__(*args, **kwargs)
 
     # ---- drawing -------------------------------------------------------------------------
     def _pyro_sample(self, msg: Message) -> None:
@@ -289,6 +349,27 @@ class StorchMessenger(Messenger):
             self.run.check_batch_shape(
                 name, fn.batch_shape, estimator.n_samples, msg["cond_indep_stack"]
             )
+        scope = msg["infer"].get("_markov_scope")
+        if self.run.chain is not None:
+            self.run.chain.check_inputs(name, fn.batch_shape, scope)
+        if (k > 1 and type(estimator) is Enumerate
+                and (self.role == "model"
+                     or (self.role == "scg" and scope is not None and self.run.flow is None))):
+            # A model's enumerated sites (ELBO mode) are summed out of p(x, z), as
+            # TraceEnum_ELBO does; a pure SCG's are contracted along pyro.markov.
+            sample_dim, own_frame = self.run.allocate_chain_dim(
+                name, k, scope, self.role == "model"
+            )
+            # A recycled dim may lie right of the dims of the site's batch shape.
+            support = fn.enumerate_support(expand=False)
+            msg["value"] = support.reshape(
+                (k,) + (1,) * (-sample_dim - 1) + support.shape[1 + len(fn.batch_shape):]
+            )
+            msg["done"] = True
+            if self.role == "model":  # summed out, as Pyro marks model-side enumeration
+                msg["infer"]["_enumerate_dim"] = sample_dim
+            self._pending[name] = (estimator, baseline, sample_dim, own_frame, None)
+            return
         if k > 1:
             sample_dim, own_frame = self.run.allocate_sample_dim(name, k)
             batch_rank = len(fn.batch_shape)
@@ -364,7 +445,22 @@ class StorchMessenger(Messenger):
             if own_frame is not None:
                 weights = estimator.sample_weights(fn, value, unmasked, state)
                 if weights is not None:
-                    run.frame_weights[own_frame] = weights
+                    if run.chain is not None and run.chain.is_live(own_frame):
+                        chain = run.chain
+                        if "_markov_depth" in msg["infer"]:
+                            chain.note_site(name, msg["infer"]["_markov_depth"], value,
+                                            fn.event_dim)
+                        if not chain.log:
+                            chain.extend(name, weights, stack)
+                            return  # in a pure SCG: neither a node nor a cost
+                        if chain.plates is None:
+                            chain._check_plates(name, stack, "enumerated")
+                        # In a model: a factor of p(x, z), as TraceEnum_ELBO, unmasked.
+                        self._add_cost(name, unmasked, msg["scale"], -1.0, None, (), 1.0,
+                                       stack)
+                        return
+                    else:
+                        run.frame_weights[own_frame] = weights
                     varying = frozenset(
                         (f.name, f.dim, f.counter) for f in stack if f.dim is not None
                         and weights.dim() >= -f.dim and weights.shape[f.dim] > 1
@@ -380,6 +476,22 @@ class StorchMessenger(Messenger):
                 # What the site's distribution (and so its value) can depend on.
                 provenance = flow.of((log_prob, unmasked, value, weight))
                 deps = flow.resolve(provenance, len(run.nodes), name)
+            chain = run.chain
+            if chain is not None and "_markov_depth" in msg["infer"]:
+                chain.note_site(name, msg["infer"]["_markov_depth"], value, fn.event_dim)
+            if chain is not None and chain.log and chain.carries(unmasked) and not (
+                    own_frame is not None and chain.is_live(own_frame)):
+                raise StorchError(
+                    f"site '{name}' is drawn per value of enumerated model sites (summed "
+                    f"out of the model's joint density), which only enumerated sites can "
+                    f"be. Enumerate '{name}' too, or draw it in the guide."
+                )
+            if chain is not None and self.role == "scg" and chain.carries(unmasked):
+                # Drawn per value of enumerated chain sites: the score joins the belief.
+                _check_foldable(name, estimator, baseline)
+                if estimator.has_score:
+                    chain.fold(name, estimator.score_term(fn, value, unmasked, state), stack)
+                return
             if estimator.has_score or estimator.has_control_term:
                 score = None
                 if estimator.has_score:
@@ -433,9 +545,13 @@ class StorchMessenger(Messenger):
         self._add_cost(name, value, scale, 1.0, ordinal, seq, weight, stack)
 
     def _add_cost(self, name, value, scale, sign, ordinal, seq, weight, stack,
-                  deps=None) -> None:
+                  deps=None, by_order: bool = False) -> None:
         run = self.run
-        if run.flow is not None:
+        chain = run.chain
+        if chain is not None and chain.log and chain.carries(value):
+            chain.add_factor(name, -sign * value, scale, stack)
+            return
+        if run.flow is not None and not by_order:
             provenance = run.flow.of((value, weight, scale))
             found = run.flow.resolve(provenance, len(run.nodes), name)
             deps = found if deps is None else deps | found
@@ -500,6 +616,22 @@ def resolve_site(
         else:
             baseline.check(msg["name"], estimator.n_samples)
     return estimator, baseline
+
+def _check_foldable(name: str, estimator: Estimator, baseline: Optional[Baseline]) -> None:
+    """A sampled site drawn per value of enumerated chain sites enters the chain's belief
+    by its score term alone (:meth:`Chain.fold`)."""
+    if baseline is not None or estimator.has_control_term:
+        what = (
+            "a baseline" if baseline is not None
+            else f"{type(estimator).__name__}'s control term"
+        )
+        raise StorchError(
+            f"site '{name}' is drawn per value of enumerated sites of a pyro.markov chain "
+            f"(contracted by variable elimination), where {what} is not supported. Use "
+            f"ScoreFunction() without a baseline there, enumerate the site too, or draw it "
+            f"outside pyro.markov."
+        )
+
 
 def _annotated_baseline(msg: Message) -> Optional[Baseline]:
     options = msg["infer"]["baseline"]

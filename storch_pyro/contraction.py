@@ -1,0 +1,272 @@
+"""Enumerated sites along a ``pyro.markov`` chain, contracted by variable elimination.
+
+Without this module every :class:`~storch_pyro.estimators.Enumerate` site opens a new
+sample dim, and a cost's weight is the product of the weights :math:`q(z_s \\mid \\cdot)` of
+every enumerated site upstream of it: along a chain of ``T`` binary sites that is a tensor of
+``2^T`` values. Here (in a pure stochastic computation graph, ``guide=None``) the enumerated
+sites drawn inside ``pyro.markov`` share a few recycled dims, as Pyro's ``EnumMessenger``
+recycles enumeration dims: a site reuses the dim of a site that is out of its markov window,
+and a :class:`Chain` eliminates the old site's variable from its *belief* first.
+
+The belief :math:`B` is a tensor over the live chain dims (and plates, and the dims of
+other sample frames it is conditioned on):
+
+.. math::
+
+    B(z_{\\text{live}}) = \\sum_{z_{\\text{eliminated}}}\\ \\prod_s q(z_s \\mid \\mathrm{pa}_s)
+        \\prod_{y} \\boxdot(l_y),
+
+the product of the enumerated sites' conditional probabilities (normalized, so summing out
+a variable that nothing later depends on leaves the others' joint unchanged) and of the
+magic boxes :math:`\\boxdot(l_y)` of the score terms of sampled sites drawn per value of an
+enumerated one (their samples differ along a chain dim; their score must multiply every
+later cost before that dim is summed out). A cost :math:`c` recorded with chain dims
+:math:`D_c` gets the weight :math:`\\sum_{z \\notin D_c} B`, so the surrogate term
+:math:`\\sum_{D_c} w_c\\, c` is :math:`\\mathbb{E}[c]` exactly (value and gradient of any
+order, by autograd through the sums), and each sampled site's score meets exactly the costs
+recorded after it (credit by order). This is variable elimination (forward filtering) in
+the order ``pyro.markov`` declares: one product and one sum over ``K^{w+1}`` values per
+site for a window of ``w`` live sites, so a chain of ``T`` sites costs :math:`O(T K^2)` time
+and :math:`O(K^2)` memory per step (memory for autograd aside). The order is known while
+the program runs, so no contraction order has to be searched (as ``pyro.ops.contract`` or
+funsor would, over all ``T`` factors, at the end: 10x slower at ``T = 1000`` for one
+normalizer, ``benchmarks.chains.compare_contraction``).
+
+**In a model with a guide** (ELBO mode) the enumerated model sites that the guide lacks are
+summed out of the joint density, as ``TraceEnum_ELBO`` does (the objective is
+:math:`-\\log p(x)` where they are concerned, not an expectation). There the belief is in
+log-space, :math:`L = \\sum \\log f` over the model's factors that depend on the chain
+(the enumerated sites' own log-probabilities, unmasked; the masked log-densities of the
+sites and ``add_cost`` costs, negated, that depend on them), a recycled variable is
+eliminated by ``logsumexp``, and at the end of the model one cost
+:math:`-s \\log \\sum_z e^{L}` (per index of the chain's plates; :math:`s` the factors'
+common scale) is recorded, credited to every guide site by order. Any model site, inside
+``pyro.markov`` or not, with ``Enumerate`` and absent from the guide is part of it.
+
+What cannot be contracted this way raises a :class:`~storch_pyro.errors.StorchError`
+naming the site and the remedy: a site whose distribution depends on an enumerated site
+outside its markov window, enumerated sites of one chain in different plates, a cost that
+lacks the plates of the chain, a sampled site with a baseline or control variate drawn per
+value of an enumerated one. On validated steps, a cost computed from a value whose dim was
+recycled is found by provenance (:mod:`storch_pyro.sample_dims`).
+"""
+
+from collections import Counter
+from typing import Dict, FrozenSet, Iterable, Optional, Set, Tuple
+
+import torch
+
+from storch_pyro.errors import StorchError
+
+#: A frame key, as in :mod:`storch_pyro.handlers.tracing`: (name, dim, counter).
+FrameKey = Tuple[str, Optional[int], int]
+#: Prefix of the pseudo-frame that tells apart costs recorded before and after a score was
+#: folded into the belief (so that the surrogate never groups them under one weight).
+VERSION_PREFIX = "storch_pyro.chain_version"
+
+
+def _plates(stack) -> FrozenSet[FrameKey]:
+    return frozenset((f.name, f.dim, f.counter) for f in stack if f.dim is not None)
+
+
+def _has_dim(tensor: torch.Tensor, dim: int) -> bool:
+    return tensor.dim() >= -dim and tensor.shape[dim] > 1
+
+
+class Chain:
+    """The enumerated sites of one pass drawn inside ``pyro.markov`` (see the module
+    docstring): their recycled dims and the belief over the live ones."""
+
+    def __init__(self, log: bool = False) -> None:
+        #: Log-space (a model's enumerated sites in ELBO mode: the belief is a sum of
+        #: log-factors, eliminated by logsumexp), or a product of probabilities.
+        self.log = log
+        #: The plate stack of the chain's first site (for the cost :meth:`finish` adds).
+        self.stack: tuple = ()
+        self.belief: Optional[torch.Tensor] = None
+        #: Live chain dim -> (site, frame key).
+        self.owners: Dict[int, Tuple[str, FrameKey]] = {}
+        #: Every chain frame key ever allocated -> its site (for error messages).
+        self.recycled: Dict[FrameKey, str] = {}
+        #: Site -> (markov depth at its draw, chain dims its value carries), for every site
+        #: drawn inside pyro.markov while the chain exists.
+        self.sites: Dict[str, Tuple[int, FrozenSet[int]]] = {}
+        self.plates: Optional[FrozenSet[FrameKey]] = None
+        self.first_site = ""
+        self.version = 0
+        #: In log-space, the common scale of the factors.
+        self.scale = None
+
+    # ---- dims ----------------------------------------------------------------------------
+    def is_live(self, key: FrameKey) -> bool:
+        owner = self.owners.get(key[1])  # type: ignore[arg-type]
+        return owner is not None and owner[1] == key
+
+    def visible_dims(self, scope: Optional[Counter]) -> Set[int]:
+        """Live chain dims that a site with markov ``scope`` may depend on: those of the
+        sites in its window (as Pyro's ``EnumMessenger`` decides which dims are in use)."""
+        if scope is None:
+            return set(self.owners)
+        visible: Set[int] = set()
+        for site, depth in scope.items():
+            entry = self.sites.get(site)
+            if entry is not None and entry[0] == depth:
+                visible |= entry[1]
+        return visible & set(self.owners)
+
+    def check_inputs(self, site: str, batch_shape: torch.Size, scope: Optional[Counter]) -> None:
+        """Raises if the site's distribution varies along the dim of an enumerated site out
+        of its markov window (that dim may be recycled: the value would be silently
+        wrong)."""
+        if scope is None:
+            return
+        visible = self.visible_dims(scope)
+        for dim, (owner, _) in self.owners.items():
+            if len(batch_shape) >= -dim and batch_shape[dim] > 1 and dim not in visible:
+                raise StorchError(
+                    f"site '{site}' depends on the enumerated site '{owner}', which is "
+                    f"outside its pyro.markov window: its dim {dim} is recycled by later "
+                    f"enumerated sites, so the value would be wrong. Widen the window "
+                    f"(pyro.markov(..., history=...)), or make '{site}' depend only on the "
+                    f"sites of the steps in its window."
+                )
+
+    def allocate(self, site: str, scope: Counter, new_dim) -> Tuple[int, FrameKey, bool]:
+        """A dim for the enumerated ``site``: the dim of a chain site out of its window
+        (whose variable is summed out of the belief first), else ``new_dim()``. Returns
+        (dim, frame key, whether it is a new dim)."""
+        visible = self.visible_dims(scope)
+        free = sorted((d for d in self.owners if d not in visible), reverse=True)
+        if free:
+            dim = free[0]
+            self._eliminate(dim)
+            fresh = False
+        else:
+            dim = new_dim()
+            fresh = True
+        key: FrameKey = ("storch_pyro.samples:" + site, dim, 0)
+        self.owners[dim] = (site, key)
+        self.recycled[key] = site
+        if not self.first_site:
+            self.first_site = site
+        return dim, key, fresh
+
+    def note_site(self, site: str, depth: int, value: torch.Tensor, event_dim: int) -> None:
+        """Records the chain dims a site's value carries (what later sites in its window
+        may depend on)."""
+        shape = value.shape[: value.dim() - event_dim]
+        dims = frozenset(d for d in self.owners if len(shape) >= -d and shape[d] > 1)
+        self.sites[site] = (depth, dims)
+
+    def _eliminate(self, dim: int) -> None:
+        belief = self.belief
+        if belief is not None and _has_dim(belief, dim):
+            if self.log:
+                self.belief = belief.logsumexp(dim, keepdim=True)
+            else:
+                self.belief = belief.sum(dim, keepdim=True)
+        del self.owners[dim]
+
+    # ---- factors -------------------------------------------------------------------------
+    def _check_plates(self, site: str, stack, what: str) -> FrozenSet[FrameKey]:
+        plates = _plates(stack)
+        if self.plates is None:
+            self.plates = plates
+            self.stack = tuple(stack)
+        elif not self.plates <= plates or (what == "enumerated" and plates != self.plates):
+            raise StorchError(
+                f"site '{site}' ({what}, drawn per value of the enumerated sites of the "
+                f"pyro.markov chain that starts at '{self.first_site}') is in plate(s) "
+                f"{sorted(k[0] for k in plates)}, the chain's sites in "
+                f"{sorted(k[0] for k in self.plates)}. StorchELBO contracts a chain whose "
+                f"enumerated sites share one set of plates. Move the site into the chain's "
+                f"plates, or give it an estimator that samples (e.g. ScoreFunction)."
+            )
+        return plates
+
+    def extend(self, site: str, weights: torch.Tensor, stack) -> None:
+        """Multiplies the belief by an enumerated site's weights :math:`q(z \\mid \\cdot)`."""
+        self._check_plates(site, stack, "enumerated")
+        self.belief = weights if self.belief is None else self.belief * weights
+
+    def fold(self, site: str, score: torch.Tensor, stack) -> None:
+        """Multiplies the belief by the magic box of a sampled site's score term (summed
+        over the plates the chain is not in: a product of boxes over their indices)."""
+        plates = self._check_plates(site, stack, "sampled")
+        extra = [key[1] for key in plates - self.plates if _has_dim(score, key[1])]
+        if extra:
+            score = score.sum(extra, keepdim=True)
+        box = torch.exp(score - score.detach())
+        self.belief = box if self.belief is None else self.belief * box
+        self.version += 1
+
+    def add_factor(self, name: str, log_factor: torch.Tensor, scale, stack) -> None:
+        r"""Adds a log-factor of the model (:math:`\log p` of a site, scaled and masked, or
+        minus an ``add_cost`` cost) that depends on the chain's enumerated sites, summed over
+        the plates the chain is not in (a product of factors over their indices). As in
+        TraceEnum_ELBO, the factors are unscaled and their common ``scale`` (subsampling,
+        ``poutine.scale``) multiplies the log of the sum."""
+        same = self.scale is None or scale is self.scale or scale == self.scale
+        if isinstance(same, torch.Tensor):
+            same = bool(same.all())
+        if self.scale is None:
+            self.scale = scale
+        elif not same:
+            raise StorchError(
+                f"'{name}' depends on the enumerated model site(s) of the chain that starts "
+                f"at '{self.first_site}' but has another scale ({scale} vs {self.scale}): "
+                f"the sum over their values needs one common scale (subsampling, "
+                f"poutine.scale). Give the chain's sites and the sites that depend on them "
+                f"the same scale."
+            )
+        plates = _plates(stack)
+        if self.plates is None or not self.plates <= plates:
+            raise StorchError(
+                f"'{name}' depends on the enumerated model site(s) of the chain that starts "
+                f"at '{self.first_site}', but lies outside their plate(s) "
+                f"{sorted(k[0] for k in (self.plates or frozenset()) - plates)}; the sum "
+                f"over their values would be exponential in the plate size. Compute it "
+                f"inside those plates, or enumerate the site in the guide."
+            )
+        extra = [key[1] for key in plates - self.plates if _has_dim(log_factor, key[1])]
+        if extra:
+            log_factor = log_factor.sum(extra, keepdim=True)
+        self.belief = log_factor if self.belief is None else self.belief + log_factor
+
+    def finish(self) -> Optional[torch.Tensor]:
+        r"""In log-space: minus the log of the sum over the live sites' values of the
+        product of factors (per index of the chain's plates), :math:`-\log \sum_z
+        p(x, z)` (the variables already eliminated were summed as they were recycled)."""
+        belief = self.belief
+        if belief is None:
+            return None
+        dims = [d for d in self.owners if _has_dim(belief, d)]
+        for dim in sorted(dims):
+            belief = belief.logsumexp(dim, keepdim=True)
+        return -belief
+
+    def carries(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` varies along a live chain dim."""
+        return any(_has_dim(tensor, dim) for dim in self.owners)
+
+    def marginal(self, dims: Iterable[int]) -> torch.Tensor:
+        """The belief summed over the live chain dims not in ``dims``."""
+        keep = set(dims)
+        belief = self.belief
+        assert belief is not None
+        drop = [d for d in self.owners if d not in keep and _has_dim(belief, d)]
+        return belief.sum(drop, keepdim=True) if drop else belief
+
+    def version_key(self) -> Optional[FrameKey]:
+        return (VERSION_PREFIX, None, self.version) if self.version else None
+
+    def describe_stale(self, key: FrameKey) -> Optional[str]:
+        """For a recycled frame key: the message naming its site; ``None`` if live."""
+        if key not in self.recycled or self.is_live(key):
+            return None
+        owner = self.owners.get(key[1])  # type: ignore[arg-type]
+        now = f", now used by '{owner[0]}'" if owner is not None else ""
+        return (
+            f"the enumerated site '{self.recycled[key]}' (dim {key[1]}{now}), outside its "
+            f"pyro.markov window"
+        )
