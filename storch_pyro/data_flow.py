@@ -46,6 +46,7 @@ from storch_pyro.sample_dims import _EMPTY, _NO_FLOW, ProvenanceTable, _Provenan
 
 #: Provenance key of a tensor whose origin the mode did not see (lost provenance).
 UNKNOWN = "storch_pyro.unknown_provenance"
+_LOST = frozenset({UNKNOWN})
 
 # Torch functions that return Python values about a tensor's metadata, not its values.
 _METADATA = frozenset(
@@ -102,9 +103,11 @@ class DataFlow:
     """The provenance of one run's tensors in terms of stochastic node indices.
 
     ``table`` may be shared with :class:`~storch_pyro.sample_dims.SampleDimChecks` (its keys
-    are sample frames, tuples; ours are ints and :data:`UNKNOWN`)."""
+    are sample frames, tuples; ours are ints and :data:`UNKNOWN`). ``warned``: the names
+    already warned about (shared by a loss's runs, so each is named once per loss)."""
 
-    def __init__(self, table: Optional[ProvenanceTable] = None) -> None:
+    def __init__(self, table: Optional[ProvenanceTable] = None,
+                 warned: Optional[set] = None) -> None:
         self.table = table if table is not None else ProvenanceTable()
         #: Nodes whose values reached Python control flow so far.
         self.control: FrozenSet = _EMPTY
@@ -113,7 +116,7 @@ class DataFlow:
         #: Tensors with autograd history that a torch function made: id -> weakref.
         self.seen: dict = {}
         self.start = _sequence_nr()
-        self._warned: set = set()
+        self._warned: set = warned if warned is not None else set()
 
     def mode(self) -> "_FlowProvenance":
         return _FlowProvenance(self)
@@ -128,12 +131,19 @@ class DataFlow:
         return provenance
 
     def _get(self, tensor: torch.Tensor) -> FrozenSet:
-        found = self.table.get(tensor)
-        if not found and self.lost(tensor):
-            return frozenset({UNKNOWN})
+        entries = self.table.entries
+        entry = entries.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
+            found = entry[1]
+        elif self.lost(tensor):
+            return _LOST
+        else:
+            found = _EMPTY
         base = tensor._base
         if base is not None:
-            found = found | self.table.get(base)
+            entry = entries.get(id(base))
+            if entry is not None and entry[0]() is base:
+                found = found | entry[1]
         return found
 
     def lost(self, tensor: torch.Tensor) -> bool:
@@ -152,7 +162,7 @@ class DataFlow:
 
     def resolve(self, provenance: FrozenSet, n_before: int, name: str) -> FrozenSet[int]:
         """The node indices of ``provenance``: all ``n_before`` earlier nodes where it was
-        lost (order-based credit for that record), with a warning naming it once."""
+        lost (order-based credit for that record), with a warning naming it once per loss."""
         if UNKNOWN not in provenance:
             return frozenset(key for key in provenance if type(key) is int)
         if name not in self._warned:
@@ -184,12 +194,15 @@ class _FlowProvenance(_Provenance):
         self.flow = flow
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        result = func(*args, **kwargs)
+        # The hot path of credit by data flow: every torch op of the program comes here.
+        result = func(*args, **kwargs) if kwargs else func(*args)
         name = getattr(func, "__name__", "")
         flow = self.flow
-        if (result is not None and not isinstance(result, (torch.Tensor, tuple, list))
-                or name == "tolist" or isinstance(result, torch.Size)):
+        tensor_result = isinstance(result, torch.Tensor)
+        if not tensor_result and (
+            result is not None and not isinstance(result, (tuple, list))
+            or name == "tolist" or isinstance(result, torch.Size)
+        ):
             # a Python value (None, from __setitem__ and the like, carries nothing)
             if name in _METADATA:
                 if name in _SHAPE_QUERIES and flow.shapes.entries:
@@ -200,29 +213,36 @@ class _FlowProvenance(_Provenance):
         in_place = name == "__setitem__" or (name[-1:] == "_" and name[-2:] != "__")
         if name in _NO_FLOW and not in_place:
             return result
+        get = flow._get
         provenance = _EMPTY
         for arg in args:
             if isinstance(arg, torch.Tensor):
-                provenance = provenance | flow._get(arg)
+                found = get(arg)
             elif isinstance(arg, (tuple, list)):
-                for tensor in _tensors(arg):
-                    provenance = provenance | flow._get(tensor)
-        for tensor in _tensors(kwargs):
-            provenance = provenance | flow._get(tensor)
-        add = self.table.add
+                found = _EMPTY.union(*[get(tensor) for tensor in _tensors(arg)])
+            else:
+                continue
+            if found:
+                provenance = provenance | found
+        if kwargs:
+            for tensor in _tensors(kwargs):
+                provenance = provenance | get(tensor)
+        results = (result,) if tensor_result else tuple(_tensors(result))
         if provenance:
-            for tensor in _tensors(result):
+            add = self.table.add
+            for tensor in results:
                 add(tensor, provenance)
             if in_place and args and isinstance(args[0], torch.Tensor):
                 target = args[0]
                 add(target, provenance)  # the mutated tensor, and its base if a view
                 if target._base is not None:
                     add(target._base, provenance)
-            for tensor in _tensors(kwargs.get("out")):
-                add(tensor, provenance)
+            if kwargs:
+                for tensor in _tensors(kwargs.get("out")):
+                    add(tensor, provenance)
         else:
             seen = flow.seen
-            for tensor in _tensors(result):
+            for tensor in results:
                 if tensor.grad_fn is not None:
                     seen[id(tensor)] = weakref.ref(tensor)
         shapes = flow.shapes
@@ -234,7 +254,7 @@ class _FlowProvenance(_Provenance):
             for tensor in _tensors(args):
                 shaped = shaped | shapes.get(tensor)
         if shaped:
-            for tensor in _tensors(result):
+            for tensor in results:
                 shapes.add(tensor, shaped)
         return result
 

@@ -135,6 +135,7 @@ class StorchELBO(ELBO):
         self.validate_every_step = validate_every_step
         self.credit = credit
         self._validated_structures: set = set()
+        self._flow_warned: set = set()  # names data-flow credit fell back to order for
         self._nesting_guessed = False
         self.sync_state = sync_state
         self._syncs: dict = {}
@@ -292,7 +293,7 @@ class StorchELBO(ELBO):
         run = Run(self.default_estimator, first_sample_dim, args, kwargs)
         validating = is_validation_enabled()
         if self.credit == "data_flow":
-            run.flow = DataFlow()
+            run.flow = DataFlow(warned=self._flow_warned)
         # Costs reduced over a sample dim: found by provenance, on inline-validated runs.
         table = None if run.flow is None else run.flow.table
         sample_dims = SampleDimChecks(run, table) if validating else None
