@@ -104,6 +104,19 @@ def _chain_params():
     return transition, init, cost
 
 
+def forward_expected_cost(transition, init, cost, T: int) -> torch.Tensor:
+    """Exact :math:`\\mathbb{E}[\\sum_t c_{z_t}]` for :math:`z_0 \\sim \\mathrm{softmax}(init)`,
+    :math:`z_t \\mid z_{t-1} \\sim \\mathrm{softmax}(W_{z_{t-1}})`: the forward recursion over
+    marginals."""
+    marginal = init.softmax(-1)
+    matrix = transition.softmax(-1)
+    total = (marginal * cost).sum()
+    for _ in range(1, T):
+        marginal = marginal @ matrix
+        total = total + (marginal * cost).sum()
+    return total
+
+
 def make_enum_chain_steps(T: int, pyro_row: bool = True) -> dict:
     transition0, init0, cost = _chain_params()
 
@@ -120,14 +133,7 @@ def make_enum_chain_steps(T: int, pyro_row: bool = True) -> dict:
         return elbo.differentiable_loss(storch_program, None, transition, init)
 
     def forward_algorithm(transition, init):
-        """Exact E[sum_t cost(z_t)] by the forward recursion over marginals."""
-        marginal = init.softmax(-1)
-        matrix = transition.softmax(-1)
-        total = (marginal * cost).sum()
-        for _ in range(1, T):
-            marginal = marginal @ matrix
-            total = total + (marginal * cost).sum()
-        return total
+        return forward_expected_cost(transition, init, cost, T)
 
     steps = {
         "StorchELBO (Enumerate)": _with_adam(storch_loss, transition0, init0),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import storch_pyro as storch
+from benchmarks.chains import forward_expected_cost
 from storch_pyro import estimators
 from storch_pyro.errors import StorchError
 
@@ -17,17 +18,6 @@ def _params(K=2, dtype=torch.float64, seed=0):
     init = torch.randn(K, generator=generator, dtype=dtype).requires_grad_()
     cost = torch.randn(K, generator=generator, dtype=dtype).requires_grad_()
     return transition, init, cost
-
-
-def _forward_algorithm(transition, init, cost, T):
-    """Exact E[sum_t cost(z_t)] for z_0 ~ softmax(init), z_t | z_{t-1} ~ softmax(W[z_{t-1}])."""
-    marginal = init.softmax(-1)
-    matrix = transition.softmax(-1)
-    total = (marginal * cost).sum()
-    for _ in range(1, T):
-        marginal = marginal @ matrix
-        total = total + (marginal * cost).sum()
-    return total
 
 
 def _chain(T, ranks=None):
@@ -48,7 +38,7 @@ def _check_exact(T):
     ranks = []
     elbo = storch.StorchELBO(max_plate_nesting=0, default_estimator=estimators.Enumerate())
     loss = elbo.differentiable_loss(_chain(T, ranks), None, *params)
-    exact = _forward_algorithm(*params, T)
+    exact = forward_expected_cost(*params, T)
     assert abs(float(loss.detach()) - float(exact.detach())) < 1e-5
     for got, want in zip(torch.autograd.grad(loss, params), torch.autograd.grad(exact, params)):
         assert (got - want).abs().max() < 1e-5
@@ -110,7 +100,7 @@ def test_chain_in_a_plate_is_exact():
     elbo = storch.StorchELBO(max_plate_nesting=1, default_estimator=estimators.Enumerate())
     loss = elbo.differentiable_loss(program, None)
     exact = sum(
-        _forward_algorithm(transition[n], transition[n, 0], cost, T) for n in range(N)
+        forward_expected_cost(transition[n], transition[n, 0], cost, T) for n in range(N)
     )
     assert abs(float(loss.detach()) - float(exact.detach())) < 1e-10
     got, want = (torch.autograd.grad(x, [transition])[0] for x in (loss, exact))
@@ -140,7 +130,7 @@ def test_mixed_chain_is_unbiased():
                                   estimator=score if t % 2 else enum)
                 storch.add_cost(f"c_{t}", cost[z])
 
-    exact = torch.autograd.grad(_forward_algorithm(transition, init, cost, T), params)
+    exact = torch.autograd.grad(forward_expected_cost(transition, init, cost, T), params)
     exact = torch.cat([g.flatten() for g in exact])
     elbo = storch.StorchELBO(max_plate_nesting=1)
     draws = []

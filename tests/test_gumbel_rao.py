@@ -25,17 +25,10 @@ import storch_pyro as storch
 from storch_pyro import estimators
 from storch_pyro.errors import UnsupportedDistributionError
 from storch_pyro.estimators.gumbel_rao import conditional_noise
+from tests.toys import discrete_fn
 
 F64 = torch.float64
 KINDS = ["bernoulli", "categorical", "onehot"]
-
-
-def _site_fn(kind, logits):
-    return {
-        "bernoulli": dist.Bernoulli,
-        "categorical": dist.Categorical,
-        "onehot": dist.OneHotCategorical,
-    }[kind](logits=logits)
 
 
 # ==== 1. the conditional noise ===============================================================
@@ -87,7 +80,7 @@ def _value_and_grad(kind, estimator, seed, event=False):
     values = []
 
     def model():
-        fn = _site_fn(kind, logits)
+        fn = discrete_fn(kind, logits)
         if event:
             z = storch.sample("z", fn.to_event(1), estimator=estimator)
             values.append(z)
@@ -276,7 +269,7 @@ def test_extreme_logits_give_finite_values_and_gradients(kind, dtype):
 
     def model():
         with pyro.plate("p", 2):
-            z = storch.sample("z", _site_fn(kind, logits),
+            z = storch.sample("z", discrete_fn(kind, logits),
                               estimator=estimators.GumbelRao(0.1, 10))
             if kind != "bernoulli":
                 z = z @ torch.arange(3, dtype=dtype)

@@ -21,6 +21,7 @@ import storch_pyro as storch
 from storch_pyro import estimators, handlers
 from storch_pyro.diagnostics import flat_grad, gradient_stats
 from storch_pyro.errors import UnsupportedDistributionError
+from tests.toys import discrete_fn
 
 F64 = torch.float64
 
@@ -39,14 +40,6 @@ CAT_LOGITS = [[0.3, -0.2, 1.0], [-1.0, 0.0, 0.5], [2.0, -2.0, 0.0], [0.1, 0.1, 0
 BERN_LOGITS = [0.3, -1.0, 2.0, 0.0]
 
 
-def _site_fn(kind, logits):
-    return {
-        "bernoulli": dist.Bernoulli,
-        "categorical": dist.Categorical,
-        "onehot": dist.OneHotCategorical,
-    }[kind](logits=logits)
-
-
 def _draw(kind, estimator, dtype=F64, n_draws=30):
     """Values drawn by ``estimator`` at a site of ``kind`` in a plate of 4 (pure SCG with a
     cost that uses them), with the site's logits."""
@@ -55,7 +48,7 @@ def _draw(kind, estimator, dtype=F64, n_draws=30):
 
     def model():
         with pyro.plate("p", 4):
-            z = storch.sample("z", _site_fn(kind, logits), estimator=estimator)
+            z = storch.sample("z", discrete_fn(kind, logits), estimator=estimator)
             values.append(z)
             weights = torch.arange(z.shape[-1], dtype=dtype) if kind != "bernoulli" else 1.0
             storch.add_cost("c", ((z * weights).sum(-1) if kind != "bernoulli" else z) ** 2)
@@ -436,7 +429,7 @@ def test_finite_at_extreme_logits(make_estimator, kind, dtype):
 
     def scg():
         with pyro.plate("p", 4):
-            z = storch.sample("z", _site_fn(kind, logits), estimator=estimator)
+            z = storch.sample("z", discrete_fn(kind, logits), estimator=estimator)
             record["z"] = z
             storch.add_cost(
                 "c", (use(z) - 0.4) ** 2 + torch.log1p(z.sum(-1) if kind != "bernoulli" else z)
@@ -444,12 +437,12 @@ def test_finite_at_extreme_logits(make_estimator, kind, dtype):
 
     def model():
         with pyro.plate("p", 4):
-            z = pyro.sample("z", _site_fn(kind, prior))
+            z = pyro.sample("z", discrete_fn(kind, prior))
             pyro.sample("x", dist.Normal(use(z), 0.5), obs=torch.zeros(4, dtype=dtype))
 
     def guide():
         with pyro.plate("p", 4):
-            record["z"] = pyro.sample("z", _site_fn(kind, logits))
+            record["z"] = pyro.sample("z", discrete_fn(kind, logits))
 
     for _ in range(10):
         for loss_fn in (

@@ -28,3 +28,12 @@ def bernoulli_plate_model(phi, estimator):
     with pyro.plate("p", 3):
         b = storch.sample("b", dist.Bernoulli(logits=phi), estimator=estimator)
         storch.add_cost("c", (b - TARGET) ** 2)
+
+
+def discrete_fn(kind: str, logits: torch.Tensor):
+    """A Bernoulli, Categorical or OneHotCategorical (``kind``) with these logits."""
+    return {
+        "bernoulli": dist.Bernoulli,
+        "categorical": dist.Categorical,
+        "onehot": dist.OneHotCategorical,
+    }[kind](logits=logits)
