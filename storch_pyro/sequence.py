@@ -69,7 +69,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from pyro.distributions import Categorical
-from pyro.distributions.util import scale_and_mask
 from pyro.poutine.indep_messenger import IndepMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK, Message
@@ -87,8 +86,8 @@ from storch_pyro.handlers.tracing import (
     SEQUENCE_KEY,
     Node,
     StorchMessenger,
-    _check_cost_shape,
     _reduce_to_frames,
+    checked_cost,
 )
 from storch_pyro.site_options import INFER_KEY
 
@@ -484,13 +483,7 @@ class SequenceMessenger(Messenger):
             weights = _to_sample_layout(w, room)
             state = (log_p, w, w_baseline)
         if weights is not None:
-            run.frame_weights[self._key] = weights
-            varying = frozenset(
-                (f.name, f.dim, f.counter) for f in stack if f.dim is not None
-                and weights.dim() >= -f.dim and weights.shape[f.dim] > 1
-            )
-            if varying:
-                run.frame_plates[self._key] = varying
+            run.set_frame_weights(self._key, weights, stack)
         if not isinstance(estimator, Enumerate):
             score = _to_sample_layout(log_p, room)
             ordinal, seq, weight = run.frames_of(score, stack, self.name)
@@ -507,12 +500,7 @@ class SequenceMessenger(Messenger):
     def _record(self, msg: Message, ancestry: Optional[torch.Tensor]) -> None:
         """Adds a cost computed inside the sequence, its rows gathered onto the final rows."""
         name, stack = msg["name"], msg["cond_indep_stack"]
-        value = msg["value"]
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"add_cost('{name}'): the cost must be a tensor, got {type(value)}")
-        _check_cost_shape(name, value, stack)
-        value = scale_and_mask(value, 1.0, msg["mask"])
-        value = _reduce_to_frames(value, stack, self._storch.run)
+        value = _reduce_to_frames(checked_cost(msg), stack, self._storch.run)
         if ancestry is not None and value.dim() >= -self._dim and value.shape[self._dim] != 1:
             room = -self._dim - 1
             index = _to_sample_layout(ancestry, room)

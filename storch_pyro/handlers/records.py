@@ -167,6 +167,17 @@ class Run:
                     "StorchELBO(max_plate_nesting=...)."
                 )
 
+    def set_frame_weights(self, key: FrameKey, weights: torch.Tensor, stack) -> None:
+        """Records the sample weights of a frame (a tensor along its dim), and the plates of
+        ``stack`` along which they differ: a cost must be in those to carry the frame."""
+        self.frame_weights[key] = weights
+        varying = frozenset(
+            (f.name, f.dim, f.counter) for f in stack if f.dim is not None
+            and weights.dim() >= -f.dim and weights.shape[f.dim] > 1
+        )
+        if varying:
+            self.frame_plates[key] = varying
+
     def allocate_sample_dim(self, site: str, n_samples: int) -> Tuple[int, FrameKey]:
         """A sample dim of size ``n_samples`` for ``site``, left of the earlier ones."""
         dim = self.next_sample_dim

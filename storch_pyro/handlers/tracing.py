@@ -202,13 +202,12 @@ class StorchMessenger(Messenger):
                 run.guide_values[name] = value
             return
         if pending is not None:
+            chain = run.chain
+            if chain is not None and "_markov_depth" in msg["infer"]:
+                chain.note_site(name, msg["infer"]["_markov_depth"], value, fn.event_dim)
             if own_frame is not None and draw.weights is not None:
                 weights = draw.weights
-                if run.chain is not None and run.chain.is_live(own_frame):
-                    chain = run.chain
-                    if "_markov_depth" in msg["infer"]:
-                        chain.note_site(name, msg["infer"]["_markov_depth"], value,
-                                        fn.event_dim)
+                if chain is not None and chain.is_live(own_frame):
                     if not chain.log:
                         chain.extend(name, weights, stack)
                         return  # in a pure SCG: neither a node nor a cost
@@ -217,13 +216,7 @@ class StorchMessenger(Messenger):
                     # In a model: a factor of p(x, z), as TraceEnum_ELBO, unmasked.
                     self._add_cost(name, unmasked, msg["scale"], -1.0, None, (), 1.0, stack)
                     return
-                run.frame_weights[own_frame] = weights
-                varying = frozenset(
-                    (f.name, f.dim, f.counter) for f in stack if f.dim is not None
-                    and weights.dim() >= -f.dim and weights.shape[f.dim] > 1
-                )
-                if varying:
-                    run.frame_plates[own_frame] = varying
+                run.set_frame_weights(own_frame, weights, stack)
             ordinal, seq, weight = run.frames_of(log_prob, stack, name)
             if self.role == "guide":
                 run.guide_values[name] = value
@@ -233,9 +226,6 @@ class StorchMessenger(Messenger):
                 # What the site's distribution (and so its value) can depend on.
                 provenance = flow.of((log_prob, unmasked, value, weight))
                 deps = flow.resolve(provenance, len(run.nodes), name)
-            chain = run.chain
-            if chain is not None and "_markov_depth" in msg["infer"]:
-                chain.note_site(name, msg["infer"]["_markov_depth"], value, fn.event_dim)
             if chain is not None and chain.log and chain.carries(unmasked) and not (
                     own_frame is not None and chain.is_live(own_frame)):
                 raise StorchError(
@@ -281,16 +271,7 @@ class StorchMessenger(Messenger):
     def _pyro_post_storch_cost(self, msg: Message) -> None:
         if SEQUENCE_KEY in msg["infer"]:
             return
-        value = msg["value"]
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(
-                f"add_cost('{msg['name']}'): the cost must be a tensor, got {type(value)}"
-            )
-        stack = msg["cond_indep_stack"]
-        _check_cost_shape(msg["name"], value, stack)
-        value = scale_and_mask(value, 1.0, msg["mask"])
-        ordinal, seq, weight = self.run.frames_of(value, stack, msg["name"])
-        self._add_cost(msg["name"], value, msg["scale"], 1.0, ordinal, seq, weight, stack)
+        self.record_cost(msg["name"], checked_cost(msg), msg["scale"], msg["cond_indep_stack"])
 
     def record_cost(self, name: str, value: torch.Tensor, scale: Any, stack) -> None:
         """Records an ``add_cost`` cost (already masked) with the frames of ``value``: the hook
@@ -342,6 +323,15 @@ def _mask_shape_error(name: str, mask: torch.Tensor, log_prob: torch.Tensor) -> 
         f"with one value per batch element (no event dims), broadcastable to "
         f"{tuple(log_prob.shape)}."
     )
+
+
+def checked_cost(msg: Message) -> torch.Tensor:
+    """An ``add_cost`` message's value, checked (a tensor, of its plates' shape) and masked."""
+    name, value, stack = msg["name"], msg["value"], msg["cond_indep_stack"]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"add_cost('{name}'): the cost must be a tensor, got {type(value)}")
+    _check_cost_shape(name, value, stack)
+    return scale_and_mask(value, 1.0, msg["mask"])
 
 
 def _check_cost_shape(name: str, value: torch.Tensor, stack) -> None:
