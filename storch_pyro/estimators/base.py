@@ -169,11 +169,6 @@ class Downstream:
         weights vary (the loss weights the terms per index there)."""
         return self._live_costs()[1]
 
-    @property
-    def read_live(self) -> bool:
-        """Whether the live costs were read."""
-        return self._live is not None
-
     def _live_costs(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._live is None:
             self._live = self._live_fn()
