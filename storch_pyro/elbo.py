@@ -329,9 +329,10 @@ class StorchELBO(ELBO):
     def _ensure_max_plate_nesting(self, model, guide, args, kwargs) -> None:
         """Unless it is known, sets ``max_plate_nesting`` from one run without sample dims:
         the deepest plate dim, or the largest batch rank of any site or cost if that is
-        larger (so sample dims never collide with undeclared batch dims). With vectorized particles this run draws
-        random numbers, as Pyro's guess does; otherwise the random number generators are
-        restored after it, so the step draws what it would have drawn without it."""
+        larger (so sample dims never collide with undeclared batch dims). With vectorized
+        particles this run draws random numbers, as Pyro's guess does; otherwise the random
+        number generators are restored after it, so the step draws what it would have drawn
+        without it."""
         if self.max_plate_nesting != float("inf"):
             return
         vectorized = self.vectorize_particles and self.num_particles > 1
