@@ -255,9 +255,9 @@ def run_sites(run: Run) -> List[str]:
     """What the sites of ``run`` drawn so far hand the program that plain Pyro would not:
     sample dims, and relaxed one-hot values where a Categorical gives an index."""
     lines = [
-        f"site '{_site_of(key)}' ({_estimator_of(run, _site_of(key))}) holds {size} values "
-        f"along a sample dim at dim {dim}"
-        for dim, size, key in ((f.dim, f.size, f.key) for f in run.live_frames.values())
+        f"site '{frame.site}' ({_estimator_of(run, frame.site)}) holds {frame.size} values "
+        f"along a sample dim at dim {frame.dim}"
+        for frame in run.live_frames.values()
     ]
     for site in list(run.density_values) + list(run.density_owners):
         drawn = run.drawn.get(site)
