@@ -317,7 +317,7 @@ class StorchELBO(ELBO):
         """The ``max_plate_nesting`` Pyro's shape checks use: a guessed value only where the
         run has sample dims to ignore (a guess from one run must not reject a later
         structure's deeper plates)."""
-        if self._nesting_guessed and not run.sample_frames:
+        if self._nesting_guessed and not run.live_frames:
             return float("inf")
         return self.max_plate_nesting
 

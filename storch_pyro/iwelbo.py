@@ -25,6 +25,7 @@ from storch_pyro.errors import StorchError
 from storch_pyro.estimators.base import Estimator
 from storch_pyro.estimators.pathwise import Pathwise
 from storch_pyro.estimators.score_function import ScoreFunction
+from storch_pyro.handlers.records import Frame
 from storch_pyro.handlers.resolution import outer_config_handlers, resolve_site
 
 
@@ -275,8 +276,10 @@ class IWELBO(ELBO):
         for site in model_trace.nodes.values():
             if site["type"] == "sample":
                 log_w = log_w + _sum_dims(site["log_prob"], sum_dims)
+        drawn = []
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample":
+                drawn.append(name)
                 log_q = _sum_dims(site["log_prob"], sum_dims)
                 log_w = log_w - log_q
                 if name in score_sites:
@@ -285,7 +288,10 @@ class IWELBO(ELBO):
         log_w = torch.as_tensor(log_w, device=getattr(log_w, "device", None))
         log_w = log_w.reshape((1,) * (nesting - log_w.dim()) + log_w.shape)
         log_w = log_w.expand((self.num_particles,) + log_w.shape[1:])
-        bound = torch.logsumexp(log_w, 0) - math.log(self.num_particles)
+        # The particles: a frame on Pyro's particle plate, reduced by log-mean-exp.
+        particles = Frame(("num_particles_vectorized", -nesting, 0), -nesting,
+                          self.num_particles, "log_mean_exp", sites=drawn)
+        bound = particles.reduce(log_w)
         if not isinstance(score, torch.Tensor) or not score.requires_grad:
             return bound, 0.0
         # Loaded DiCE (Farquhar et al. 2019) with VIMCO's baselines b_k = L_{-k}:

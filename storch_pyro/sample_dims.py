@@ -176,9 +176,9 @@ class SampleDimChecks:
     def frame_of(self, site: str) -> Optional[tuple]:
         """The key of the site's own sample frame, if it has one."""
         name = SAMPLE_FRAME_PREFIX + site
-        for _, _, key in self.run.sample_frames:
-            if key[0] == name:
-                return key
+        for frame in self.run.live_frames.values():
+            if frame.key[0] == name:
+                return frame.key
         return None
 
     @contextmanager
@@ -194,7 +194,7 @@ class SampleDimChecks:
         costs = self.run.costs
         if len(costs) == self._n_costs:
             return
-        sizes = {key: size for _, size, key in self.run.sample_frames}
+        sizes = {frame.key: frame.size for frame in self.run.live_frames.values()}
         for cost in costs[self._n_costs:]:
             provenance = self.table.get(cost.value)
             # A key without a size is an enumerated chain site's whose dim was recycled
@@ -247,7 +247,7 @@ def _estimator_of(run: Run, site: str) -> str:
 
 def _describe_frame(run: Run, key: tuple) -> str:
     site = _site_of(key)
-    size = next(size for _, size, k in run.sample_frames if k == key)
+    size = run.frames[key].size
     return f"'{site}' ({_estimator_of(run, site)}: dim {key[1]} of size {size})"
 
 
@@ -255,9 +255,9 @@ def run_sites(run: Run) -> List[str]:
     """What the sites of ``run`` drawn so far hand the program that plain Pyro would not:
     sample dims, and relaxed one-hot values where a Categorical gives an index."""
     lines = [
-        f"site '{_site_of(key)}' ({_estimator_of(run, _site_of(key))}) holds {size} values "
-        f"along a sample dim at dim {dim}"
-        for dim, size, key in run.sample_frames
+        f"site '{frame.site}' ({_estimator_of(run, frame.site)}) holds {frame.size} values "
+        f"along a sample dim at dim {frame.dim}"
+        for frame in run.live_frames.values()
     ]
     for site in list(run.density_values) + list(run.density_owners):
         drawn = run.drawn.get(site)

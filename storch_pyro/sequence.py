@@ -326,7 +326,7 @@ class SequenceMessenger(Messenger):
         k = estimator.n_samples
         if first:
             self._dim, self._key = run.allocate_sample_dim(self.name, 1 if isinstance(
-                estimator, Enumerate) else k)
+                estimator, Enumerate) else k, sites=[])
             self._rows = 1 if isinstance(estimator, (Enumerate,)) else k
             self._prev_rows = self._rows
         room = -self._dim - 1
@@ -385,10 +385,10 @@ class SequenceMessenger(Messenger):
         self._parents.append(parents)
         self._last_parents = parents
         self._prev_rows, self._rows = rows, new_rows
-        if new_rows != rows:  # Enumerate: the frame grows
-            frames = run.sample_frames
-            frames[:] = [(d, new_rows if key == self._key else size, key)
-                         for d, size, key in frames]
+        frame = run.frames[self._key]
+        frame.sites.append(site)
+        frame.parents.append(parents)
+        frame.size = new_rows  # Enumerate: the frame grows
         value = _to_sample_layout(tokens, room)
         if identity and self.eos is None:
             return value, fn  # row i was drawn from row i of the site's own distribution

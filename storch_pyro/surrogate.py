@@ -121,7 +121,7 @@ class _ScorePrefix:
 
     def __init__(self, run: Run) -> None:
         self.nodes = run.nodes
-        self.frame_weights = run.frame_weights
+        self.frames = run.frames
         self.cache: Dict[FrozenSet, Tuple[int, Optional[torch.Tensor]]] = {}
         self.by_deps: Dict[Tuple[FrozenSet, FrozenSet], Optional[torch.Tensor]] = {}
 
@@ -136,7 +136,7 @@ class _ScorePrefix:
             for index in sorted(deps):
                 node = self.nodes[index]
                 if node.score is not None and _compatible(node.seq, seq):
-                    score = _score_on(node, ordinal, self.frame_weights)
+                    score = _score_on(node, ordinal, self.frames)
                     total = score if total is None else total + score
             self.by_deps[key] = total
             return total
@@ -145,19 +145,19 @@ class _ScorePrefix:
             done, total = 0, None
         for node in self.nodes[done:n]:
             if node.score is not None and _compatible(node.seq, seq):
-                score = _score_on(node, ordinal, self.frame_weights)
+                score = _score_on(node, ordinal, self.frames)
                 total = score if total is None else total + score
         self.cache[ordinal] = (n, total)
         return total
 
 
-def _score_on(node: Node, ordinal: FrozenSet, frame_weights: Dict) -> torch.Tensor:
+def _score_on(node: Node, ordinal: FrozenSet, frames: Dict) -> torch.Tensor:
     """The node's score reduced to the dims of a cost with ``ordinal``: summed over the
     dims the cost lacks, over its own sample dim with the (detached) sample weights when
     they are not uniform (see :class:`_ScorePrefix`)."""
     score = node.score
     if node.own_frame is not None and node.own_frame not in ordinal:
-        weight = frame_weights[node.own_frame]
+        weight = frames[node.own_frame].weights
         if isinstance(weight, torch.Tensor):
             score = score * weight.detach()
     return _sum_except(score, _shared_dims(node.ordinal, ordinal))
@@ -304,7 +304,7 @@ def _live_downstream_cost(
                 break
             if (other.score is not None and _credited(other, group)
                     and _compatible(other.seq, group.seq)):
-                score = _score_on(other, group.ordinal, run.frame_weights)
+                score = _score_on(other, group.ordinal, run.frames)
                 scores = score if scores is None else scores + score
         if scores is not None:
             value = magic_box(scores) * value
@@ -478,7 +478,7 @@ def raise_if_not_finite(run: Run) -> None:
     """Raises :class:`NonFiniteCostError` naming the first site of ``run`` whose cost or
     score is not finite; returns if there is none."""
     for node in run.nodes:
-        weight = run.frame_weights.get(node.own_frame)
+        weight = run.weights_of(node.own_frame)
         if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight).all()):
             raise NonFiniteCostError(
                 f"the sample weights of site '{node.name}' ({node.estimator!r}) are not "

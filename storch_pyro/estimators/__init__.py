@@ -1,6 +1,6 @@
 """Gradient estimators: one module per family, all subclasses of :class:`Estimator`, and the
 records of its interface (:class:`Site`, :class:`Draw`, :class:`Downstream`, :class:`Terms`,
-:class:`VarianceTerm`)."""
+:class:`VarianceTerm`), and the record of a sample frame (:class:`Frame`)."""
 
 from storch_pyro.estimators.antithetic import ARM, DisARM
 from storch_pyro.estimators.base import (
@@ -21,6 +21,7 @@ from storch_pyro.estimators.pathwise import Pathwise
 from storch_pyro.estimators.relaxation import GumbelSoftmax, StraightThrough
 from storch_pyro.estimators.score_function import ScoreFunction
 from storch_pyro.estimators.unordered_set import UnorderedSet
+from storch_pyro.handlers.records import Frame
 
 __all__ = [
     "ARM",
@@ -29,6 +30,7 @@ __all__ = [
     "Draw",
     "Enumerate",
     "Estimator",
+    "Frame",
     "GumbelRao",
     "GumbelSoftmax",
     "ImportanceWeightedSet",

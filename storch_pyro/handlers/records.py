@@ -1,8 +1,10 @@
 """The record of one particle's run: its stochastic :class:`Node` s, its :class:`Cost` s and
-its sample frames (:class:`Run`), which :mod:`storch_pyro.surrogate` turns into the loss."""
+its sample :class:`Frame` s (:class:`Run`), which :mod:`storch_pyro.surrogate` turns into the
+loss."""
 
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, FrozenSet, List, Literal, Optional, Tuple
 
 import torch
 from pyro.poutine.runtime import Message
@@ -20,6 +22,98 @@ SAMPLE_FRAME_PREFIX = "storch_pyro.samples:"
 #: them; the sequence registers one node and its costs through
 #: :meth:`~storch_pyro.handlers.tracing.StorchMessenger.record_cost` when it closes).
 SEQUENCE_KEY = "storch_pyro.sequence"
+
+#: How a frame's values are reduced to the objective (see :class:`Frame`).
+Reduction = Literal["mean", "weighted", "contracted", "log_mean_exp"]
+
+
+@dataclass(slots=True, eq=False)
+class Frame:
+    r"""A sample frame: ``size`` values of one or more sites along a dim ``dim`` left of all
+    plates, and how the objective reduces over them.
+
+    For values :math:`v_1, \dots, v_k` of a quantity along the frame (a cost, the log weight
+    of a particle), the ``reduction`` is
+
+    - ``"mean"``: i.i.d. samples, :math:`\frac1k \sum_i v_i` (``weights`` is the float
+      :math:`1/k`);
+    - ``"weighted"``: a weighted sum :math:`\sum_i w_i v_i` with ``weights`` a tensor along
+      ``dim`` (and along the plates in ``plates``): enumeration (:math:`w_i = q(z_i \mid
+      \cdot)`, differentiated), samples without replacement or a sampled remainder (detached
+      weights);
+    - ``"contracted"``: an enumerated site inside ``pyro.markov``, whose weights live in the
+      belief of a :class:`~storch_pyro.contraction.Chain` rather than on the frame
+      (``weights`` is ``None``): a cost with chain dims :math:`D_c` is weighted by
+      :math:`\sum_{z \notin D_c} B(z)`, variable elimination along the chain; the dim is
+      recycled (``recycled_by``) once the site leaves every later site's markov window;
+    - ``"log_mean_exp"``: importance-weighted particles,
+      :math:`\log \frac1k \sum_i e^{v_i}` (IWELBO's bound over its particle frame).
+
+    The frame's sites (``sites``) extend it in order: one site, or the steps of a
+    :func:`~storch_pyro.handlers.sequence`, whose ``k`` rows are ``k`` joint samples of the
+    whole sequence; where a step reorders the rows (beam search, a set without replacement,
+    a growing enumeration), ``parents[t]`` holds each new row's parent row at step ``t``
+    (``None``: row ``i`` extends row ``i``).
+
+    Example::
+
+        frame = Frame(("particles", -1, 0), dim=-1, size=3, reduction="log_mean_exp")
+        frame.reduce(torch.tensor([-1.0, -2.0, -3.0]))  # log((e^-1 + e^-2 + e^-3) / 3)
+    """
+
+    key: FrameKey
+    dim: int
+    size: int
+    reduction: Reduction = "mean"
+    #: :math:`w`: the float :math:`1/k`, a tensor along ``dim``, or ``None`` (contracted).
+    weights: Any = None
+    #: The plates the weights vary along: a quantity carrying the frame must be inside them.
+    plates: FrozenSet[FrameKey] = frozenset()
+    #: The sites that extend the frame, in order.
+    sites: List[str] = field(default_factory=list)
+    #: Per step of a sequence: parent row of each row (``None``: the same row).
+    parents: List[Optional[torch.Tensor]] = field(default_factory=list)
+    #: The site whose frame took over this frame's dim (``pyro.markov`` recycling), if any.
+    recycled_by: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.weights is None and self.reduction in ("mean", "log_mean_exp"):
+            self.weights = 1.0 / self.size
+
+    @property
+    def site(self) -> str:
+        """The site (or sequence) that opened the frame."""
+        return self.key[0][len(SAMPLE_FRAME_PREFIX):] if self.key[0].startswith(
+            SAMPLE_FRAME_PREFIX) else self.key[0]
+
+    def set_weights(self, weights: torch.Tensor, stack=()) -> None:
+        """Makes the frame ``"weighted"`` by ``weights`` (a tensor along its dim), noting the
+        plates of ``stack`` along which they differ (see :attr:`plates`)."""
+        self.reduction = "weighted"
+        self.weights = weights
+        rank = weights.dim()
+        self.plates = frozenset(
+            (f.name, f.dim, f.counter) for f in stack if f.dim is not None
+            and rank >= -f.dim and weights.shape[f.dim] > 1
+        )
+
+    def reduce(self, values: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+        """``values`` reduced over the frame's dim by its :attr:`reduction`: the sum of the
+        weighted values, or the log-mean-exp. A contracted frame is reduced by its chain's
+        belief, not alone (``ValueError``)."""
+        dim = self.dim
+        if self.reduction == "contracted":
+            raise ValueError(
+                f"frame of '{self.site}' is contracted: reduce it with its Chain's belief "
+                f"(Chain.marginal)"
+            )
+        if self.reduction == "log_mean_exp":
+            if isinstance(self.weights, torch.Tensor):
+                return torch.logsumexp(values + self.weights.log(), dim, keepdim=keepdim)
+            return torch.logsumexp(values, dim, keepdim=keepdim) - math.log(self.size)
+        if isinstance(self.weights, torch.Tensor):
+            return (values * self.weights).sum(dim, keepdim=keepdim)
+        return values.sum(dim, keepdim=keepdim) * self.weights
 
 
 @dataclass(slots=True)
@@ -96,11 +190,12 @@ class Run:
         self.kwargs = kwargs
         self.nodes: List[Node] = []
         self.costs: List[Cost] = []
-        self.sample_frames: List[Tuple[int, int, FrameKey]] = []
-        #: Weight of each sample frame's samples: 1/k, or a tensor along its dim.
-        self.frame_weights: Dict[FrameKey, Any] = {}
-        #: Plates a cost must be in to carry a sample frame with per-plate-index weights.
-        self.frame_plates: Dict[FrameKey, FrozenSet[FrameKey]] = {}
+        #: Every sample frame opened in the run, in order (recycled ones included).
+        self.frames: Dict[FrameKey, Frame] = {}
+        #: The frames whose dims are in use, by dim, in the order they took their dim.
+        self.live_frames: Dict[int, Frame] = {}
+        #: (ordinal keys, plates, sequential frames) per plate stack (see :meth:`frames_of`).
+        self._stacks: Dict[tuple, Tuple[FrozenSet[FrameKey], FrozenSet[FrameKey], tuple]] = {}
         self.guide_values: Dict[str, torch.Tensor] = {}
         #: Where a relaxed value stands in for a discrete one: the value densities see.
         self.density_values: Dict[str, torch.Tensor] = {}
@@ -154,10 +249,11 @@ class Run:
                     f"StorchELBO(max_plate_nesting=...) to at least {-frame.dim}, or leave "
                     f"it out to have it guessed."
                 )
-        sizes = {dim: size for dim, size, _ in self.sample_frames}
+        live = self.live_frames
         for dim in range(-len(batch_shape), -self.max_plate_nesting):
             size = batch_shape[dim]
-            if size != 1 and sizes.get(dim) != size:
+            frame = live.get(dim)
+            if size != 1 and (frame is None or frame.size != size):
                 raise StorchError(
                     f"site '{site}': its batch shape {tuple(batch_shape)} has size {size} at "
                     f"dim {dim}, left of max_plate_nesting={self.max_plate_nesting}, where "
@@ -169,29 +265,36 @@ class Run:
 
     def set_frame_weights(self, key: FrameKey, weights: torch.Tensor, stack) -> None:
         """Records the sample weights of a frame (a tensor along its dim), and the plates of
-        ``stack`` along which they differ: a cost must be in those to carry the frame."""
-        self.frame_weights[key] = weights
-        varying = frozenset(
-            (f.name, f.dim, f.counter) for f in stack if f.dim is not None
-            and weights.dim() >= -f.dim and weights.shape[f.dim] > 1
-        )
-        if varying:
-            self.frame_plates[key] = varying
+        ``stack`` along which they differ: a cost must be in those to carry the frame
+        (:meth:`Frame.set_weights`)."""
+        self.frames[key].set_weights(weights, stack)
 
-    def allocate_sample_dim(self, site: str, n_samples: int) -> Tuple[int, FrameKey]:
-        """A sample dim of size ``n_samples`` for ``site``, left of the earlier ones."""
+    def weights_of(self, key: Optional[FrameKey]) -> Any:
+        """The sample weights of the frame ``key`` (``None`` for a contracted frame or no
+        frame)."""
+        frame = self.frames.get(key)  # type: ignore[arg-type]
+        return None if frame is None else frame.weights
+
+    def allocate_sample_dim(
+        self, site: str, n_samples: int, sites: Optional[List[str]] = None
+    ) -> Tuple[int, FrameKey]:
+        """A sample dim of size ``n_samples`` for ``site``, left of the earlier ones: a new
+        :class:`Frame` (``"mean"`` of its samples until weights are set), extended by
+        ``sites`` (default: ``site``)."""
         dim = self.next_sample_dim
         self.next_sample_dim -= 1
         key = (SAMPLE_FRAME_PREFIX + site, dim, 0)
-        self.sample_frames.append((dim, n_samples, key))
-        self.frame_weights[key] = 1.0 / n_samples
+        frame = Frame(key, dim, n_samples, sites=[site] if sites is None else sites)
+        self.frames[key] = frame
+        self.live_frames[dim] = frame
         return dim, key
 
     def allocate_chain_dim(
         self, site: str, n_samples: int, scope, log: bool
     ) -> Tuple[int, FrameKey]:
         """A sample dim for an enumerated site inside ``pyro.markov``: recycled from a
-        site out of its window where one is free (:meth:`Chain.allocate`)."""
+        site out of its window where one is free (:meth:`Chain.allocate`). Its frame is
+        ``"contracted"``: its weights are in the chain's belief."""
         if self.chain is None:
             self.chain = Chain(log)
 
@@ -201,18 +304,22 @@ class Run:
             return dim
 
         dim, key, fresh = self.chain.allocate(site, scope, new_dim)
+        live = self.live_frames
         if not fresh:
-            self.sample_frames = [frame for frame in self.sample_frames if frame[0] != dim]
-        self.sample_frames.append((dim, n_samples, key))
+            live.pop(dim).recycled_by = site
+        frame = Frame(key, dim, n_samples, "contracted", sites=[site])
+        self.frames[key] = frame
+        live[dim] = frame
         return dim, key
 
     def weight_of(self, ordinal) -> Any:
         """Product of the sample weights of the sample frames in ``ordinal``."""
         weight = 1.0
+        frames = self.frames
         for key in ordinal:
-            frame_weight = self.frame_weights.get(key)
-            if frame_weight is not None:
-                weight = weight * frame_weight
+            frame = frames.get(key)
+            if frame is not None and frame.weights is not None:
+                weight = weight * frame.weights
         return weight
 
     def on_frames(self, tensor: torch.Tensor, ordinal) -> torch.Tensor:
@@ -226,62 +333,78 @@ class Run:
         are computed on the expanded shape and weighted there by
         :math:`\\tfrac1k\\, q(b \\mid a_i)`."""
         shape = list(tensor.shape)
-        for dim, size, key in self.sample_frames:
-            if key in ordinal:
+        for frame in self.live_frames.values():
+            if frame.key in ordinal:
+                dim = frame.dim
                 if len(shape) < -dim:
                     shape = [1] * (-dim - len(shape)) + shape
-                shape[dim] = size
+                shape[dim] = frame.size
         return tensor if tensor.shape == tuple(shape) else tensor.expand(shape)
+
+    def _stack_keys(self, stack) -> Tuple[FrozenSet[FrameKey], tuple]:
+        """(frame keys, sequential frames) of a plate stack, cached per stack."""
+        keys = tuple([(f.name, f.dim, f.counter) for f in stack])
+        cached = self._stacks.get(keys)
+        if cached is None:
+            seq = tuple((f.name, f.counter) for f in stack if f.dim is None)
+            cached = self._stacks[keys] = (frozenset(keys), seq)
+        return cached
 
     def frames_of(self, tensor: torch.Tensor, stack, site: str = "") -> Tuple[Any, tuple, Any]:
         """(ordinal, sequential frames, sample weight) of a tensor recorded at a site: the
         sample frames whose dims the tensor has, and those whose dims the weights of these
         have (an enumerated site's weights q(z | g) depend on an upstream sample of g even
-        where a cost of z does not)."""
-        keys = [(f.name, f.dim, f.counter) for f in stack]
-        weight = 1.0
-        if self.sample_frames:
-            plates = frozenset(keys)
-            included = []
-            shapes = [tensor.shape]
-            chain = self.chain
-            chain_dims: List[int] = []
-            marginal_dims: List[int] = []
-            marginal = None
-            while shapes:
-                shape = shapes.pop()
-                for dim, size, key in self.sample_frames:
-                    if key in included or len(shape) < -dim or shape[dim] == 1:
-                        continue
-                    included.append(key)
-                    if chain is not None and chain.is_live(key):
-                        chain_dims.append(dim)
-                    else:
-                        frame_weight = self.frame_weights[key]
-                        weight = weight * frame_weight
-                        if isinstance(frame_weight, torch.Tensor):
-                            shapes.append(frame_weight.shape)
-                    needed = self.frame_plates.get(key)
-                    if needed is not None and not needed <= plates:
-                        raise StorchError(
-                            f"site '{site}' depends on the samples of "
-                            f"'{key[0][len(SAMPLE_FRAME_PREFIX):]}', whose sample weights "
-                            f"differ across the indices of plate(s) "
-                            f"{sorted(k[0] for k in needed - plates)}, outside those plates. "
-                            f"Move '{site}' inside them, or give that site an estimator that "
-                            f"samples (e.g. ScoreFunction)."
-                        )
-                if not shapes and len(chain_dims) > len(marginal_dims) and not chain.log:
-                    # The belief over the chain dims may bring in frames it is
-                    # conditioned on, whose weights may bring in more chain dims.
-                    marginal_dims = list(chain_dims)
-                    marginal = chain.marginal(marginal_dims)
-                    shapes.append(marginal.shape)
-            if chain_dims and not chain.log:
-                weight = weight * marginal
-                version = chain.version_key()
-                if version is not None:
-                    included.append(version)
-            keys.extend(included)
-        seq = tuple((f.name, f.counter) for f in stack if f.dim is None)
-        return frozenset(keys), seq, weight
+        where a cost of z does not); for contracted frames, the weight is the chain's belief
+        summed over the other live chain dims (:meth:`Chain.marginal`)."""
+        plates, seq = self._stack_keys(stack)
+        live = self.live_frames
+        if not live or tensor.dim() <= self.max_plate_nesting:  # no sample dims
+            return plates, seq, 1.0
+        weight: Any = None
+        included: List[FrameKey] = []
+        shapes = [tensor.shape]
+        chain = self.chain
+        chain_dims: List[int] = []
+        n_marginal = 0
+        marginal = None
+        while shapes:
+            shape = shapes.pop()
+            rank = len(shape)
+            for frame in live.values():
+                dim = frame.dim
+                if rank < -dim or shape[dim] == 1:
+                    continue
+                key = frame.key
+                if key in included:
+                    continue
+                included.append(key)
+                if frame.reduction == "contracted":  # a live chain frame
+                    chain_dims.append(dim)
+                else:
+                    frame_weight = frame.weights
+                    weight = frame_weight if weight is None else weight * frame_weight
+                    if isinstance(frame_weight, torch.Tensor):
+                        shapes.append(frame_weight.shape)
+                needed = frame.plates
+                if needed and not needed <= plates:
+                    raise StorchError(
+                        f"site '{site}' depends on the samples of '{frame.site}', whose "
+                        f"sample weights differ across the indices of plate(s) "
+                        f"{sorted(k[0] for k in needed - plates)}, outside those plates. "
+                        f"Move '{site}' inside them, or give that site an estimator that "
+                        f"samples (e.g. ScoreFunction)."
+                    )
+            if not shapes and len(chain_dims) > n_marginal and not chain.log:
+                # The belief over the chain dims may bring in frames it is
+                # conditioned on, whose weights may bring in more chain dims.
+                n_marginal = len(chain_dims)
+                marginal = chain.marginal(chain_dims)
+                shapes.append(marginal.shape)
+        if chain_dims and not chain.log:
+            weight = marginal if weight is None else weight * marginal
+            version = chain.version_key()
+            if version is not None:
+                included.append(version)
+        if weight is None:
+            weight = 1.0
+        return (plates.union(included) if included else plates), seq, weight

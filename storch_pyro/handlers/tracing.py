@@ -105,10 +105,10 @@ class StorchMessenger(Messenger):
         def check_batch_shape() -> None:
             run.check_batch_shape(name, fn.batch_shape, estimator.n_samples, stack)
 
-        if run.sample_frames:
+        if run.live_frames:
             check_batch_shape()
         site = Site(name, fn, run.next_sample_dim, run.max_plate_nesting, run.args, run.kwargs,
-                    None if run.sample_frames else check_batch_shape)
+                    None if run.live_frames else check_batch_shape)
         scope = msg["infer"].get("_markov_scope")
         if run.chain is not None:
             run.chain.check_inputs(name, fn.batch_shape, scope)
@@ -120,7 +120,7 @@ class StorchMessenger(Messenger):
             support = fn.enumerate_support(expand=False)
             k = support.shape[0]
             if k > 1:
-                if not run.sample_frames:
+                if not run.live_frames:
                     check_batch_shape()
                 sample_dim, own_frame = run.allocate_chain_dim(
                     name, k, scope, self.role == "model"
@@ -243,7 +243,7 @@ class StorchMessenger(Messenger):
             if score is not None or adds_terms(estimator):
                 direct = None
                 if (flow is not None and score is unmasked and self.role != "scg"
-                        and not isinstance(run.frame_weights.get(own_frame), torch.Tensor)):
+                        and not isinstance(run.weights_of(own_frame), torch.Tensor)):
                     # the score is the site's own log-density: cancel the direct gradient
                     # of its cost (see surrogate._direct_term)
                     sign = 1.0 if self.role == "guide" else -1.0
@@ -353,7 +353,7 @@ def _reduce_to_frames(value: torch.Tensor, stack, run: Run) -> torch.Tensor:
     over the plates it is in (a scalar cost inside ``plate(N)`` counts ``N`` times, as
     ``pyro.factor`` does)."""
     frame_dims = {f.dim: f.size for f in stack if f.dim is not None}
-    sample_dims = {dim for dim, _, _ in run.sample_frames}
+    sample_dims = run.live_frames
     extra = [
         d for d in range(-value.dim(), 0)
         if d not in frame_dims and d not in sample_dims and value.shape[d] != 1
