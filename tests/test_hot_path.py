@@ -12,6 +12,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
+from pyro.poutine.broadcast_messenger import BroadcastMessenger
 from pyro.poutine.messenger import Messenger
 
 import storch_pyro as storch
@@ -68,11 +69,14 @@ def _handled_model(w, bystander=False):
     return wrapped
 
 
-def _record(model, seed=3):
+def _record(model, seed=3, log=None):
     """The run of a loss's second step (validation on: the first step of a structure is
-    validated as it runs, with a recording messenger on the stack; later ones are not)."""
+    validated as it runs, with a recording messenger on the stack; later ones are not);
+    ``log`` is cleared before it."""
     elbo = storch.StorchELBO(max_plate_nesting=2)
     elbo.differentiable_loss(model, None)
+    if log is not None:
+        log.clear()
     pyro.set_rng_seed(seed)
     (run,), validated = elbo._validated_runs(model, None, (), {})
     assert not validated
@@ -243,3 +247,121 @@ def test_unhashable_dataclass_estimator_gets_one_instance_per_site():
     elbo = storch.StorchELBO(max_plate_nesting=1, default_estimator=shared)
     elbo.differentiable_loss(model, None, phi).backward()
     assert torch.isfinite(phi.grad).all()
+
+
+class _PlainNormal(dist.TorchDistribution):
+    """A distribution with Pyro's generic ``expand`` (an ``ExpandedDistribution`` wrapper)."""
+
+    arg_constraints = {}
+    support = dist.constraints.real
+    has_rsample = True
+
+    def __init__(self, loc):
+        self.loc = loc
+        super().__init__(loc.shape, validate_args=False)
+
+    def rsample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        return self.loc.expand(shape) + torch.randn(shape)
+
+    def log_prob(self, value):
+        return -0.5 * (value - self.loc) ** 2
+
+
+def _sites_model(w, bystander=False):
+    """Sample sites whose plates need no broadcasting, need it, are subsampled, masked,
+    scaled, under pyro.markov and handlers.estimator, observed, with a distribution whose
+    expand wraps it; guide sites replayed into the model."""
+    def model():
+        with handlers.estimator(config={"h": estimators.ScoreFunction()}):
+            with pyro.plate("outer", 3, dim=-2), pyro.plate("inner", 4, dim=-1):
+                z = storch.sample("z", dist.Bernoulli(logits=w[0].expand(3, 4)))
+                g = storch.sample("g", dist.Normal(w[1], 1.0))  # broadcast to (3, 4)
+                storch.sample("h", dist.Bernoulli(logits=w[0] * z))
+            with pyro.plate("sub", 10, subsample_size=4, dim=-1):
+                storch.sample("s", dist.Normal(w[0] * g.sum(-2), 1.0))
+            with pyro.plate("pair", 2):
+                with poutine.scale(scale=0.5), poutine.mask(mask=torch.tensor([True, False])):
+                    storch.sample("m", dist.Normal(w[1].expand(2), 1.0))
+                p = storch.sample("p", _PlainNormal(w[1].expand(2)))
+            prev = torch.zeros(())
+            for t in pyro.markov(range(3)):
+                prev = storch.sample(f"y_{t}", dist.Bernoulli(logits=w[1] + prev))
+            storch.sample("x", dist.Normal(p.sum(), 1.0), obs=torch.tensor(0.5))
+            storch.sample("k", dist.Normal(w[0], 1.0),
+                          infer={"is_observed": True}, obs=torch.tensor(0.1))
+            storch.add_cost("c", (z * g).sum() + prev)
+
+    if not bystander:
+        return model
+
+    def wrapped():
+        with _Bystander():
+            model()
+
+    return wrapped
+
+
+def test_sample_fast_path_draws_and_records_what_pyro_sample_does(monkeypatch):
+    w = torch.tensor([0.3, -0.7], requires_grad=True)
+    broadcasts = []
+    real = BroadcastMessenger._pyro_sample
+
+    def counting(msg):
+        broadcasts.append(msg["name"])
+        return real(msg)
+
+    monkeypatch.setattr(BroadcastMessenger, "_pyro_sample", staticmethod(counting))
+    fast, fast_loss = _record(_sites_model(w), log=broadcasts)
+    fast_broadcasts = list(broadcasts)
+    full, full_loss = _record(_sites_model(w, bystander=True), log=broadcasts)
+    # Each plate broadcasts each site in it; the fast path skips z's, h's, m's and s's,
+    # whose batch shapes match their plates already (and keeps g's, which needs it, and
+    # p's, a distribution with Pyro's generic expand).
+    assert sorted(broadcasts) == sorted(fast_broadcasts + ["z", "z", "h", "h", "m", "s"])
+    assert fast_broadcasts.count("g") == 2 and fast_broadcasts.count("p") == 1
+    assert [n.name for n in fast.nodes] == [n.name for n in full.nodes]
+    for a, b in zip(fast.nodes, full.nodes):
+        assert type(a.fn) is type(b.fn) and a.fn.batch_shape == b.fn.batch_shape, a.name
+        assert (a.ordinal, a.seq, a.index, a.sample_dim) == (b.ordinal, b.seq, b.index,
+                                                              b.sample_dim), a.name
+        assert torch.equal(a.draw.value, b.draw.value), a.name
+        assert torch.equal(a.score, b.score) and torch.equal(a.log_prob, b.log_prob), a.name
+    fns = [{m["name"]: m["fn"] for m in run.messages["scg"]} for run in (fast, full)]
+    assert {k: type(v) for k, v in fns[0].items()} == {k: type(v) for k, v in fns[1].items()}
+    assert type(fns[0]["p"]).__name__ == "ExpandedDistribution"  # Pyro's generic expand
+    assert [c.name for c in fast.costs] == [c.name for c in full.costs]
+    for a, b in zip(fast.costs, full.costs):
+        assert (a.sign, a.ordinal, a.n_before) == (b.sign, b.ordinal, b.n_before), a.name
+        assert torch.equal(a.value, b.value), a.name
+    assert torch.equal(fast_loss, full_loss)
+    grads = [torch.autograd.grad(loss, w)[0] for loss in (fast_loss, full_loss)]
+    assert torch.equal(*grads)
+
+
+def test_sample_fast_path_in_elbo_mode_matches_the_general_path():
+    def model(data, bystander=False):
+        loc = storch.sample("loc", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 3):
+            b = storch.sample("b", dist.Bernoulli(logits=torch.zeros(3)))
+            storch.sample("x", dist.Normal(loc + b, 1.0), obs=data)
+
+    def guide(data, bystander=False):
+        q = pyro.param("q", torch.tensor(0.2))
+        logits = pyro.param("logits", torch.zeros(3))
+        with (_Bystander() if bystander else poutine.scale(scale=1.0)):
+            storch.sample("loc", dist.Normal(q, 1.0))
+            with pyro.plate("data", 3):
+                storch.sample("b", dist.Bernoulli(logits=logits))
+
+    data = torch.tensor([0.5, -1.0, 2.0])
+    results = []
+    for bystander in (False, True):
+        elbo = storch.StorchELBO(max_plate_nesting=1)
+        elbo.differentiable_loss(model, guide, data, bystander)
+        pyro.set_rng_seed(7)
+        loss = elbo.differentiable_loss(model, guide, data, bystander)
+        params = [pyro.param("q").unconstrained(), pyro.param("logits").unconstrained()]
+        results.append((loss, *torch.autograd.grad(loss, params)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
