@@ -255,10 +255,11 @@ def _stacked_cost_terms(
             continue
         values = [group.value if not isinstance(group.weight, torch.Tensor)
                   else group.value * group.weight for group in boxed]
-        shape = torch.broadcast_shapes(*(t.shape for t in scores), *(v.shape for v in values))
-        prefix = torch.stack([t.expand(shape) for t in scores]).cumsum(0)
+        shapes = {t.shape for t in scores} | {v.shape for v in values}
+        shape = shapes.pop() if len(shapes) == 1 else torch.broadcast_shapes(*shapes)
+        prefix = torch.stack(_expanded(scores, shape)).cumsum(0)
         prefix = prefix.index_select(0, torch.tensor(rows, device=prefix.device))
-        stacked = torch.stack([v.expand(shape) for v in values])
+        stacked = torch.stack(_expanded(values, shape))
         weights = [1.0 if isinstance(g.weight, torch.Tensor) else g.weight for g in boxed]
         if any(w != 1.0 for w in weights):
             stacked = stacked * torch.tensor(
@@ -266,6 +267,10 @@ def _stacked_cost_terms(
             ).reshape((-1,) + (1,) * len(shape))
         total = _add(total, (magic_box(prefix) * stacked).sum(), 1.0)
     return total, rest
+
+
+def _expanded(tensors: List[torch.Tensor], shape: torch.Size) -> List[torch.Tensor]:
+    return [t if t.shape == shape else t.expand(shape) for t in tensors]
 
 
 def _downstream(run: Run, node: Node, groups: List[_Group], upstream_weight) -> Downstream:
