@@ -3,7 +3,8 @@ messenger on Pyro's stack is known (:func:`storch_pyro.handlers.tracing.record_c
 the cost terms of one ordinal stacked into a few tensor ops
 (:func:`storch_pyro.surrogate._stacked_cost_terms`), and the per-site estimator cache for
 estimators that are not hashable. Each fast path must record and compute exactly what the
-general path does."""
+general path does: they are compared on the same draw for exact equality (``torch.equal``),
+so any difference in a recorded value, plate frame, scale, mask or gradient fails."""
 
 from dataclasses import dataclass
 
