@@ -8,6 +8,7 @@ from pyro.poutine.runtime import effectful
 
 from storch_pyro.baselines import Baseline
 from storch_pyro.estimators.base import Estimator
+from storch_pyro.handlers.tracing import record_cost_directly, sample_directly
 from storch_pyro.site_options import INFER_KEY, SiteOptions
 
 
@@ -46,7 +47,8 @@ def sample(
         infer = dict(kwargs.pop("infer", None) or {})
         infer[INFER_KEY] = SiteOptions(estimator, baseline)
         kwargs["infer"] = infer
-    return pyro.sample(name, fn, *args, **kwargs)
+    value = sample_directly(name, fn, args, kwargs)  # a fast path under StorchELBO
+    return pyro.sample(name, fn, *args, **kwargs) if value is None else value
 
 
 @effectful(type="storch_cost")
@@ -82,4 +84,5 @@ def add_cost(name: str, cost: torch.Tensor) -> None:
                 f"add_cost('{name}'): the cost must be a tensor or a number, got "
                 f"{type(cost).__name__}; compute it with torch from the sampled values"
             ) from error
-    _cost(cost, name=name)
+    if not record_cost_directly(name, cost, _cost):  # a fast path for known handlers
+        _cost(cost, name=name)

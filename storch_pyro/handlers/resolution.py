@@ -4,7 +4,7 @@ and the per-site estimator instances."""
 
 import weakref
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK, Message
@@ -24,12 +24,23 @@ from storch_pyro.site_options import DRAWN, INFER_KEY, REPLAYED, SiteOptions
 _DEFAULT_PATHWISE = Pathwise()
 _DEFAULT_SCORE_FUNCTION = ScoreFunction()
 _NO_OPTIONS = SiteOptions()
+#: The options of a site without choices, once drawn or replayed (the common case, made
+#: once: ``dataclasses.replace`` is a tenth of a site's bookkeeping).
+_DRAWN = SiteOptions(status=DRAWN)
+_REPLAYED = SiteOptions(status=REPLAYED)
 
 
-#: The per-site instances of each configured estimator: ``{estimator: {site: instance}}``.
-_PER_SITE: "weakref.WeakKeyDictionary[Estimator, Dict[str, Estimator]]" = (
-    weakref.WeakKeyDictionary()
-)
+#: The per-site instances of each configured estimator, by the estimator's ``id`` (an
+#: estimator need not be hashable, e.g. a ``@dataclass`` with ``eq=True``):
+#: ``{id(estimator): (weak reference to it, {site: instance})}``; an entry goes when its
+#: estimator is garbage-collected.
+_PER_SITE: Dict[int, Tuple["weakref.ref[Estimator]", Dict[str, Estimator]]] = {}
+
+
+def _forget(key: int, ref: "weakref.ref[Estimator]") -> None:
+    entry = _PER_SITE.get(key)
+    if entry is not None and entry[0] is ref:
+        del _PER_SITE[key]
 
 
 def instance_for_site(estimator: Estimator, site: str) -> Estimator:
@@ -37,7 +48,9 @@ def instance_for_site(estimator: Estimator, site: str) -> Estimator:
     :meth:`~storch_pyro.estimators.base.Estimator.for_site` and cached (as Pyro's
     reparameterization strategies cache their per-site objects), so an instance given for
     several sites (a handler's config, ``default_estimator``) keeps per-site attributes per
-    site, and the same site gets the same instance at every step.
+    site, and the same site gets the same instance at every step. The cache is keyed by
+    the estimator's identity, not its hash or equality: two equal estimators are two
+    configurations, each with its own per-site instances.
 
     Example::
 
@@ -45,11 +58,14 @@ def instance_for_site(estimator: Estimator, site: str) -> Estimator:
         assert instance_for_site(shared, "a") is instance_for_site(shared, "a")
         assert instance_for_site(shared, "a") is not instance_for_site(shared, "b")
     """
-    instances = _PER_SITE.get(estimator)
-    if instances is None:
+    key = id(estimator)
+    entry = _PER_SITE.get(key)
+    if entry is None or entry[0]() is not estimator:
         if getattr(estimator, "_serves_site", None) == site:  # already a per-site instance
             return estimator
-        instances = _PER_SITE[estimator] = {}
+        ref = weakref.ref(estimator, lambda ref, key=key: _forget(key, ref))
+        entry = _PER_SITE[key] = (ref, {})
+    instances = entry[1]
     instance = instances.get(site)
     if instance is None:
         instance = instances[site] = estimator.for_site(site)
@@ -145,7 +161,9 @@ def resolve_site(
                 if baseline is not None:
                     explicit_baseline = isinstance(handler.config, dict)
                     break
-    msg["infer"][INFER_KEY] = replace(options, status=DRAWN)
+    msg["infer"][INFER_KEY] = (
+        _DRAWN if options is _NO_OPTIONS else replace(options, status=DRAWN)
+    )
     return SiteConfig(estimator, baseline, explicit_baseline)
 
 
@@ -153,7 +171,9 @@ def mark_replayed(msg: Message) -> None:
     """Marks a model site replayed from the guide in its options (for the handlers'
     unused-name warnings)."""
     options = msg["infer"].get(INFER_KEY) or _NO_OPTIONS
-    msg["infer"][INFER_KEY] = replace(options, status=REPLAYED)
+    msg["infer"][INFER_KEY] = (
+        _REPLAYED if options is _NO_OPTIONS else replace(options, status=REPLAYED)
+    )
 
 
 def _annotated_baseline(msg: Message) -> Optional[Baseline]:
