@@ -96,6 +96,19 @@ class Chain:
         self.version = 0
         #: In log-space, the common scale of the factors.
         self.scale = None
+        #: A guide's chain (ELBO mode): the model's costs come after the guide has run, so
+        #: the belief each site's variable was last live in is kept (see :meth:`replay`).
+        self.deferred = False
+        #: After the guide: the model replays the guide's values (see :meth:`replay`).
+        self.replaying = False
+        #: Guide chain site -> (its dim, its frame key, its size).
+        self.frames: Dict[str, Tuple[int, FrameKey, int]] = {}
+        #: Frame key -> (the belief just before its variable was summed out, or at the end
+        #: of the guide; the live dims then -> their frame keys).
+        self.snapshots: Dict[FrameKey, Tuple[torch.Tensor, Dict[int, FrameKey]]] = {}
+        #: Frame key -> rank of its snapshot in time.
+        self.snapshot_rank: Dict[FrameKey, int] = {}
+        self._marginals: Dict[FrozenSet[FrameKey], torch.Tensor] = {}
 
     # ---- dims ----------------------------------------------------------------------------
     def is_live(self, key: FrameKey) -> bool:
@@ -118,7 +131,7 @@ class Chain:
         """Raises if the site's distribution varies along the dim of an enumerated site out
         of its markov window (that dim may be recycled: the value would be silently
         wrong)."""
-        if scope is None:
+        if scope is None or self.replaying:
             return
         visible = self.visible_dims(scope)
         for dim, (owner, _) in self.owners.items():
@@ -131,7 +144,9 @@ class Chain:
                     f"sites of the steps in its window."
                 )
 
-    def allocate(self, site: str, scope: Counter, new_dim) -> Tuple[int, FrameKey, bool]:
+    def allocate(
+        self, site: str, scope: Counter, new_dim, size: int = 0
+    ) -> Tuple[int, FrameKey, bool]:
         """A dim for the enumerated ``site``: the dim of a chain site out of its window
         (whose variable is summed out of the belief first), else ``new_dim()``. Returns
         (dim, frame key, whether it is a new dim)."""
@@ -146,6 +161,8 @@ class Chain:
             fresh = True
         key: FrameKey = ("storch_pyro.samples:" + site, dim, 0)
         self.owners[dim] = (site, key)
+        if self.deferred:
+            self.frames[site] = (dim, key, size)
         self.recycled[key] = site
         if not self.first_site:
             self.first_site = site
@@ -160,6 +177,8 @@ class Chain:
 
     def _eliminate(self, dim: int) -> None:
         belief = self.belief
+        if self.deferred:
+            self._snapshot(self.owners[dim][1])
         if belief is not None and _has_dim(belief, dim):
             if self.log:
                 self.belief = belief.logsumexp(dim, keepdim=True)
@@ -249,8 +268,14 @@ class Chain:
         """Whether ``tensor`` varies along a live chain dim."""
         return any(_has_dim(tensor, dim) for dim in self.owners)
 
-    def marginal(self, dims: Iterable[int]) -> torch.Tensor:
-        """The belief summed over the live chain dims not in ``dims``."""
+    def marginal(
+        self, dims: Iterable[int], name: str = "", plates: FrozenSet = frozenset()
+    ) -> torch.Tensor:
+        """The belief summed over the live chain dims not in ``dims``; while the model
+        replays a guide's chain, the joint marginal of the sites whose values it replayed
+        last at ``dims`` (see :meth:`replay`), for the cost ``name`` with ``plates``."""
+        if self.replaying:
+            return self._replayed_marginal(dims, name, plates)
         keep = set(dims)
         belief = self.belief
         assert belief is not None
@@ -258,7 +283,74 @@ class Chain:
         return belief.sum(drop, keepdim=True) if drop else belief
 
     def version_key(self) -> Optional[FrameKey]:
+        if self.replaying:  # never grouped with a guide cost (see surrogate._group_costs)
+            return (VERSION_PREFIX, None, -1)
         return (VERSION_PREFIX, None, self.version) if self.version else None
+
+    # ---- a guide's chain, replayed by the model ------------------------------------------
+    def _snapshot(self, key: FrameKey) -> None:
+        """Keeps the belief in which the variable of ``key`` is last live: the one
+        :meth:`replay` weights the model's costs of that variable by."""
+        live = {dim: owner[1] for dim, owner in self.owners.items()}
+        self.snapshots[key] = (self.belief, live)
+        self.snapshot_rank[key] = len(self.snapshot_rank)
+
+    def end_guide(self) -> None:
+        """Called when the guide has run: keeps the final belief for the live variables,
+        and from now on weights costs by the kept beliefs (:meth:`replay`)."""
+        for _, key in sorted(self.owners.values(), key=lambda owner: -owner[1][1]):
+            self._snapshot(key)
+        self.replaying = True
+
+    def replay(self, site: str) -> Optional[Tuple[int, int, FrameKey]]:
+        r"""The model replays the value of the guide's chain site ``site``: from now on its
+        dim stands for that site's variable (the model computes its costs of the site
+        while the site is in its markov window, as the guide did). Returns (dim, size,
+        frame key), or ``None`` for a site that is not in the chain.
+
+        The guide ran first, so the dims were recycled before any model cost was
+        computed. A model cost :math:`c` of the variables :math:`V` (the dims it carries)
+        is weighted by their joint marginal :math:`\sum_{z \notin V} B`, with :math:`B` the
+        belief kept when the first of them was summed out (:meth:`_snapshot`): every
+        variable of :math:`V` live, and every sampled site drawn per their values folded
+        in. This is forward filtering with the costs attached after the fact: value and
+        gradient of :math:`\sum_V w_c\, c` are exactly :math:`\mathbb{E}_q[c]`'s, and
+        the total cost is linear in the length of the chain."""
+        frame = self.frames.get(site)
+        if frame is None:
+            return None
+        dim, key, size = frame
+        self.owners[dim] = (site, key)
+        return dim, size, key
+
+    def _replayed_marginal(self, dims: Iterable[int], name: str, plates: FrozenSet) -> torch.Tensor:
+        keys = frozenset(self.owners[d][1] for d in dims)
+        cached = self._marginals.get(keys)
+        if cached is not None:
+            return cached
+        first = min(keys, key=self.snapshot_rank.__getitem__)
+        belief, live = self.snapshots[first]
+        apart = sorted(self.recycled[key] for key in keys if live.get(key[1]) != key)
+        if apart:
+            raise StorchError(
+                f"cost '{name}' of the model depends on the guide's enumerated sites "
+                f"'{self.recycled[first]}' and {apart}, which are never in one pyro.markov "
+                f"window of the guide: their joint distribution was summed out. Widen the "
+                f"guide's window (pyro.markov(..., history=...)) to hold them, or compute "
+                f"the cost from sites of one window."
+            )
+        if self.plates is not None and not self.plates <= plates:
+            raise StorchError(
+                f"cost '{name}' of the model depends on the guide's enumerated site "
+                f"'{self.recycled[first]}' (a pyro.markov chain) but lies outside its "
+                f"plate(s) {sorted(k[0] for k in self.plates - plates)}. Compute it inside "
+                f"those plates."
+            )
+        keep = {key[1] for key in keys}
+        drop = [d for d in live if d not in keep and _has_dim(belief, d)]
+        marginal = belief.sum(drop, keepdim=True) if drop else belief
+        self._marginals[keys] = marginal
+        return marginal
 
     def describe_stale(self, key: FrameKey) -> Optional[str]:
         """For a recycled frame key: the message naming its site; ``None`` if live."""

@@ -194,17 +194,30 @@ class Run:
         site out of its window where one is free (:meth:`Chain.allocate`)."""
         if self.chain is None:
             self.chain = Chain(log)
+        elif self.chain.log != log:
+            raise StorchError(
+                f"site '{site}' is enumerated in the model (summed out of p(x, z)) while the "
+                f"guide enumerates the pyro.markov chain that starts at "
+                f"'{self.chain.first_site}'; StorchELBO contracts one of the two per run. "
+                f"Enumerate '{site}' in the guide too, or sample the guide's chain."
+            )
 
         def new_dim() -> int:
             dim = self.next_sample_dim
             self.next_sample_dim -= 1
             return dim
 
-        dim, key, fresh = self.chain.allocate(site, scope, new_dim)
+        dim, key, fresh = self.chain.allocate(site, scope, new_dim, n_samples)
         if not fresh:
             self.sample_frames = [frame for frame in self.sample_frames if frame[0] != dim]
         self.sample_frames.append((dim, n_samples, key))
         return dim, key
+
+    def use_chain_frame(self, dim: int, size: int, key: FrameKey) -> None:
+        """The model replays a guide's chain site: its frame takes the dim it shares with
+        the chain's other sites (:meth:`Chain.replay`)."""
+        self.sample_frames = [frame for frame in self.sample_frames if frame[0] != dim]
+        self.sample_frames.append((dim, size, key))
 
     def weight_of(self, ordinal) -> Any:
         """Product of the sample weights of the sample frames in ``ordinal``."""
@@ -275,7 +288,7 @@ class Run:
                     # The belief over the chain dims may bring in frames it is
                     # conditioned on, whose weights may bring in more chain dims.
                     marginal_dims = list(chain_dims)
-                    marginal = chain.marginal(marginal_dims)
+                    marginal = chain.marginal(marginal_dims, site, plates)
                     shapes.append(marginal.shape)
             if chain_dims and not chain.log:
                 weight = weight * marginal

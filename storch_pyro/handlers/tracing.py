@@ -17,6 +17,7 @@ from pyro.poutine.runtime import Message
 from pyro.poutine.subsample_messenger import _Subsample
 
 from storch_pyro.baselines import Baseline
+from storch_pyro.contraction import Chain
 from storch_pyro.errors import MaskShapeError, StorchError
 from storch_pyro.estimators.base import (
     Draw,
@@ -70,6 +71,8 @@ class StorchMessenger(Messenger):
 
     def __exit__(self, *args, **kwargs):
         chain = self.run.chain
+        if chain is not None and chain.deferred and self.role == "guide":
+            chain.end_guide()  # the model's costs come now (Chain.replay)
         if args and args[0] is None and chain is not None and chain.log and self.role == "model":
             # The model's enumerated sites, summed out: one cost -log sum_z p(x, z).
             value = chain.finish()
@@ -92,6 +95,10 @@ class StorchMessenger(Messenger):
                 msg["value"] = run.guide_values[name]
                 msg["done"] = True
                 mark_replayed(msg)
+                if run.chain is not None and run.chain.replaying:
+                    frame = run.chain.replay(name)
+                    if frame is not None:
+                        run.use_chain_frame(*frame)
                 return
         if msg["is_observed"] or msg["done"] or type(msg["fn"]) is _Subsample:
             return
@@ -114,14 +121,18 @@ class StorchMessenger(Messenger):
             run.chain.check_inputs(name, fn.batch_shape, scope)
         if (type(estimator) is Enumerate
                 and (self.role == "model"
-                     or (self.role == "scg" and scope is not None and run.flow is None))):
+                     or (self.role != "model" and scope is not None and run.flow is None))):
             # A model's enumerated sites (ELBO mode) are summed out of p(x, z), as
-            # TraceEnum_ELBO does; a pure SCG's are contracted along pyro.markov.
+            # TraceEnum_ELBO does; a pure SCG's or a guide's are contracted along
+            # pyro.markov (a guide's after the model has run: Chain.replay).
             support = fn.enumerate_support(expand=False)
             k = support.shape[0]
             if k > 1:
                 if not run.sample_frames:
                     check_batch_shape()
+                if run.chain is None and self.role == "guide":
+                    run.chain = Chain(log=False)
+                    run.chain.deferred = True
                 sample_dim, own_frame = run.allocate_chain_dim(
                     name, k, scope, self.role == "model"
                 )
@@ -208,13 +219,20 @@ class StorchMessenger(Messenger):
             if own_frame is not None and draw.weights is not None:
                 weights = draw.weights
                 if chain is not None and chain.is_live(own_frame):
-                    if not chain.log:
-                        chain.extend(name, weights, stack)
+                    if chain.log:
+                        if chain.plates is None:
+                            chain._check_plates(name, stack, "enumerated")
+                        # In a model: a factor of p(x, z), as TraceEnum_ELBO, unmasked.
+                        self._add_cost(name, unmasked, msg["scale"], -1.0, None, (), 1.0,
+                                       stack)
+                        return
+                    chain.extend(name, weights, stack)
+                    if self.role == "scg":
                         return  # in a pure SCG: neither a node nor a cost
-                    if chain.plates is None:
-                        chain._check_plates(name, stack, "enumerated")
-                    # In a model: a factor of p(x, z), as TraceEnum_ELBO, unmasked.
-                    self._add_cost(name, unmasked, msg["scale"], -1.0, None, (), 1.0, stack)
+                    # In a guide: its cost log q(z | ...), weighted by the belief.
+                    run.guide_values[name] = value
+                    ordinal, seq, weight = run.frames_of(log_prob, stack, name)
+                    self._add_cost(name, masked, msg["scale"], 1.0, ordinal, seq, weight, stack)
                     return
                 run.set_frame_weights(own_frame, weights, stack)
             ordinal, seq, weight = run.frames_of(log_prob, stack, name)
@@ -234,11 +252,23 @@ class StorchMessenger(Messenger):
                     f"be. Enumerate '{name}' too, or draw it in the guide."
                 )
             score = draw.score
-            if chain is not None and self.role == "scg" and chain.carries(unmasked):
+            if chain is not None and not chain.log and chain.carries(unmasked):
+                if chain.replaying:
+                    raise StorchError(
+                        f"site '{name}' of the model is drawn per value of the guide's "
+                        f"enumerated sites (the pyro.markov chain that starts at "
+                        f"'{chain.first_site}'), which only the guide's sites can be. Draw "
+                        f"'{name}' in the guide."
+                    )
                 # Drawn per value of enumerated chain sites: the score joins the belief.
                 _check_foldable(name, estimator, baseline)
                 if score is not None:
                     chain.fold(name, score, stack)
+                if self.role == "scg":
+                    return
+                # In a guide: its cost log q(y | ...), weighted by the belief with its score.
+                ordinal, seq, weight = run.frames_of(log_prob, stack, name)
+                self._add_cost(name, masked, msg["scale"], 1.0, ordinal, seq, weight, stack)
                 return
             if score is not None or adds_terms(estimator):
                 direct = None
