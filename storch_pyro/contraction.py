@@ -332,9 +332,10 @@ class Chain:
         belief, live = self.snapshots[first]
         apart = sorted(self.recycled[key] for key in keys if live.get(key[1]) != key)
         if apart:
+            apart_names = ", ".join(f"'{site}'" for site in apart)
             raise StorchError(
                 f"cost '{name}' of the model depends on the guide's enumerated sites "
-                f"'{self.recycled[first]}' and {apart}, which are never in one pyro.markov "
+                f"'{self.recycled[first]}' and {apart_names}, which are never in one pyro.markov "
                 f"window of the guide: their joint distribution was summed out. Widen the "
                 f"guide's window (pyro.markov(..., history=...)) to hold them, or compute "
                 f"the cost from sites of one window."

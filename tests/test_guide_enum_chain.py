@@ -243,7 +243,7 @@ def _unplated_cost_model():
 
 @pytest.mark.parametrize("model, guide, match", [
     (_order_model, _chain_guide(), "cost 'pair' of the model depends on the guide's "
-     "enumerated sites 'z_0' and \\['z_3'\\], which are never in one pyro.markov window"),
+     "enumerated sites 'z_0' and 'z_3', which are never in one pyro.markov window"),
     (_stale_model, _chain_guide(), "cost 'late' depends on the enumerated site 'z_1'"),
     (_enumerating_model, _chain_guide(), "site 'w' is enumerated in the model"),
     (_sampling_model, _chain_guide(), "site 'w' of the model is drawn per value of the "
