@@ -3,8 +3,9 @@
 Without this module every :class:`~storch_pyro.estimators.Enumerate` site opens a new
 sample dim, and a cost's weight is the product of the weights :math:`q(z_s \\mid \\cdot)` of
 every enumerated site upstream of it: along a chain of ``T`` binary sites that is a tensor of
-``2^T`` values. Here (in a pure stochastic computation graph, ``guide=None``) the enumerated
-sites drawn inside ``pyro.markov`` share a few recycled dims, as Pyro's ``EnumMessenger``
+``2^T`` values. Here (in a pure stochastic computation graph, ``guide=None``, under either
+credit, and in a guide) the enumerated sites drawn inside ``pyro.markov`` share a few
+recycled dims, as Pyro's ``EnumMessenger``
 recycles enumeration dims: a site reuses the dim of a site that is out of its markov window,
 and a :class:`Chain` eliminates the old site's variable from its *belief* first.
 
@@ -32,6 +33,26 @@ the program runs, so no contraction order has to be searched (as ``pyro.ops.cont
 funsor would, over all ``T`` factors, at the end: 10x slower at ``T = 1000`` for one
 normalizer, ``benchmarks.chains.compare_contraction``).
 
+**In a guide** (ELBO mode) the sites are drawn, their dims recycled and their variables
+summed out as above while the guide runs, and the guide's own costs :math:`\\log q` are
+weighted by the live belief; but the model's costs come after the guide has run, when the
+dims stand for the last sites only. So the chain keeps, for each site, the belief in which
+its variable was last live (the one it is summed out of, or the final one): every variable
+of its window live, and the magic box of every sampled site drawn per their values folded
+in. When the model replays a site's value, its dim stands for that site again
+(:meth:`Chain.replay`); a model cost :math:`c` carrying the dims of sites :math:`V` gets the
+weight :math:`\\sum_{z \\notin V} B_V`, with :math:`B_V` the belief kept for the first of
+:math:`V` to be summed out (where all of :math:`V` are live). Each weight is the exact joint
+marginal :math:`q(z_V)` (times the boxes), so :math:`\\sum_c \\sum_{z_V} w_c\\, c` is
+:math:`\\mathbb{E}_q[\\sum_c c]` in value and in gradient, by autograd through the kept
+beliefs; the costs are attached to the forward pass after the fact, which is what a
+deferred elimination with an expectation semiring (a belief and an expected cost carried
+along the chain) computes too, with one marginal per cost instead of a second pass. Time and
+memory stay :math:`O(T K^{w+1})`. The model must compute its costs of a site while the site
+is the last one replayed at its dim (as a model that runs the same ``pyro.markov`` loop
+does); on validated steps provenance finds a cost that used an older value, and a cost of
+sites no window of the guide holds together raises.
+
 **In a model with a guide** (ELBO mode) the enumerated model sites that the guide lacks are
 summed out of the joint density, as ``TraceEnum_ELBO`` does (the objective is
 :math:`-\\log p(x)` where they are concerned, not an expectation). There the belief is in
@@ -47,7 +68,9 @@ What cannot be contracted this way raises a :class:`~storch_pyro.errors.StorchEr
 naming the site and the remedy: a site whose distribution depends on an enumerated site
 outside its markov window, enumerated sites of one chain in different plates, a cost that
 lacks the plates of the chain, a sampled site with a baseline or control variate drawn per
-value of an enumerated one. On validated steps, a cost computed from a value whose dim was
+value of an enumerated one; with a guide's chain, a model cost of sites never live together,
+a latent model site drawn per value of the chain, and a model that enumerates sites too.
+On validated steps, a cost computed from a value whose dim was
 recycled is found by provenance (:mod:`storch_pyro.sample_dims`).
 """
 

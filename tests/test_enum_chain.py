@@ -33,10 +33,11 @@ def _chain(T, ranks=None):
     return program
 
 
-def _check_exact(T):
+def _check_exact(T, credit="order"):
     params = _params()
     ranks = []
-    elbo = storch.StorchELBO(max_plate_nesting=0, default_estimator=estimators.Enumerate())
+    elbo = storch.StorchELBO(max_plate_nesting=0, default_estimator=estimators.Enumerate(),
+                             credit=credit)
     loss = elbo.differentiable_loss(_chain(T, ranks), None, *params)
     exact = forward_expected_cost(*params, T)
     assert abs(float(loss.detach()) - float(exact.detach())) < 1e-5
@@ -46,9 +47,11 @@ def _check_exact(T):
     assert max(ranks) <= 3
 
 
+@pytest.mark.parametrize("credit", ["order", "data_flow"])
 @pytest.mark.parametrize("T", [10, 100])
-def test_enumerated_chain_is_exact(T):
-    _check_exact(T)
+def test_enumerated_chain_is_exact(T, credit):
+    """Also under credit="data_flow" (recycled dims too: before, one dim per site)."""
+    _check_exact(T, credit)
 
 
 @pytest.mark.slow
@@ -107,7 +110,8 @@ def test_chain_in_a_plate_is_exact():
     assert (got - want).abs().max() < 1e-10
 
 
-def test_mixed_chain_is_unbiased():
+@pytest.mark.parametrize("credit", ["order", "data_flow"])
+def test_mixed_chain_is_unbiased(credit):
     """Steps alternate Enumerate and ScoreFunction: each sampled site is drawn per value of
     the enumerated site before it (its score joins the belief), each enumerated site
     conditions on the sample before it; dims are recycled from step 4 on. The mean
@@ -132,7 +136,7 @@ def test_mixed_chain_is_unbiased():
 
     exact = torch.autograd.grad(forward_expected_cost(transition, init, cost, T), params)
     exact = torch.cat([g.flatten() for g in exact])
-    elbo = storch.StorchELBO(max_plate_nesting=1)
+    elbo = storch.StorchELBO(max_plate_nesting=1, credit=credit)
     draws = []
     for _ in range(batches):
         loss = elbo.differentiable_loss(program, None) / N

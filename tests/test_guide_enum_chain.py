@@ -65,11 +65,13 @@ def _assert_close(got, want, params, tol=1e-5):
         assert (g - w).abs().max() < tol
 
 
+@pytest.mark.parametrize("credit", ["order", "data_flow"])
 @pytest.mark.parametrize("T", [10, 100])
-def test_guide_chain_is_exact(T):
+def test_guide_chain_is_exact(T, credit):
     p, data = _params(T)
     ranks = []
-    elbo = storch.StorchELBO(max_plate_nesting=0, default_estimator=estimators.Enumerate())
+    elbo = storch.StorchELBO(max_plate_nesting=0, default_estimator=estimators.Enumerate(),
+                             credit=credit)
     loss = elbo.differentiable_loss(_model, lambda *a: _guide(*a, ranks), p, data)
     params = list(p.values())
     _assert_close(loss, _forward_elbo(p, data), params)
@@ -124,7 +126,8 @@ def test_second_order_chain_in_a_plate_equals_unrecycled_enumeration():
     _assert_close(losses[0], losses[1], params, tol=1e-10)
 
 
-def test_mixed_guide_chain_is_unbiased():
+@pytest.mark.parametrize("credit", ["order", "data_flow"])
+def test_mixed_guide_chain_is_unbiased(credit):
     """In the guide, each step's enumerated ``z_t`` is followed by a ``y_t`` sampled by
     ScoreFunction per value of ``z_t`` (its score joins the belief), after a global ``s``
     (ScoreFunction) that every step's guide distribution reads. The mean gradient over
@@ -175,7 +178,8 @@ def test_mixed_guide_chain_is_unbiased():
     params = copies(N)
     config = {f"z_{t}": estimators.Enumerate() for t in range(T)}
     with storch.handlers.estimator(config=config):
-        loss = storch.StorchELBO(max_plate_nesting=1).differentiable_loss(model, guide, params, N)
+        elbo = storch.StorchELBO(max_plate_nesting=1, credit=credit)
+        loss = elbo.differentiable_loss(model, guide, params, N)
     draws = torch.cat([g.reshape(N, -1) for g in torch.autograd.grad(loss, list(
         params.values()))], 1)
     mean, se = draws.mean(0), draws.std(0) / N ** 0.5

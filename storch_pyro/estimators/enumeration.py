@@ -31,9 +31,9 @@ class Enumerate(Estimator):
     Pyro's parallel enumeration (Obermeyer et al. 2019, "Tensor Variable Elimination for
     Plated Factor Graphs").
 
-    Along a ``pyro.markov`` chain (in a model without guide) the sites recycle their dims and
-    the expected costs come from variable elimination, linear in the chain's length; in a
-    model with a guide (ELBO mode) a site the guide lacks is summed out of the joint
+    Along a ``pyro.markov`` chain (in a model without guide, or in a guide) the sites recycle
+    their dims and the expected costs come from variable elimination, linear in the chain's
+    length; in a model with a guide (ELBO mode) a site the guide lacks is summed out of the joint
     density, :math:`-\\log \\sum_z p(x, z)`, as ``TraceEnum_ELBO`` does
     (:mod:`storch_pyro.contraction`).
 

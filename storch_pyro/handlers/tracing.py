@@ -121,7 +121,7 @@ class StorchMessenger(Messenger):
             run.chain.check_inputs(name, fn.batch_shape, scope)
         if (type(estimator) is Enumerate
                 and (self.role == "model"
-                     or (self.role != "model" and scope is not None and run.flow is None))):
+                     or scope is not None)):
             # A model's enumerated sites (ELBO mode) are summed out of p(x, z), as
             # TraceEnum_ELBO does; a pure SCG's or a guide's are contracted along
             # pyro.markov (a guide's after the model has run: Chain.replay).
@@ -264,6 +264,9 @@ class StorchMessenger(Messenger):
                 _check_foldable(name, estimator, baseline)
                 if score is not None:
                     chain.fold(name, score, stack)
+                if flow is not None:  # what its value can depend on (no node of its own)
+                    flow.tag(value, deps)
+                    flow.tag(density_value, deps)
                 if self.role == "scg":
                     return
                 # In a guide: its cost log q(y | ...), weighted by the belief with its score.
