@@ -283,3 +283,57 @@ def test_guide_sampled_model_enumerated_is_unbiased(credit):
     mean, se = draws.mean(0), draws.std(0) / 30 ** 0.5
     assert se.max() < 0.05, se
     assert ((mean - exact).abs() < 4.5 * se.clamp(min=1e-6)).all(), (mean, exact, se)
+
+
+def _sum_and_sample_steps(T, n=1, global_parent=False):
+    """Enumerated z_0 (outside pyro.markov), then SumAndSample(2) steps: each conditioned
+    on the step before, or (``global_parent``) on z_0 only."""
+    generator = torch.Generator().manual_seed(2)
+    W = torch.randn(3, 3, dtype=torch.float64, generator=generator).requires_grad_()
+    init = torch.randn(3, dtype=torch.float64, generator=generator).requires_grad_()
+    cost = torch.randn(3, dtype=torch.float64, generator=generator)
+
+    def program():
+        with pyro.plate("draws", n, dim=-1):
+            z0 = z = storch.sample("z_0", dist.Categorical(logits=init),
+                                   estimator=estimators.Enumerate())
+            for t in pyro.markov(range(1, T)):
+                parent = z0 if global_parent else z
+                z = storch.sample(f"z_{t}", dist.Categorical(logits=W[parent]),
+                                  estimator=estimators.SumAndSample(2))
+                storch.add_cost(f"c_{t}", cost[z])
+
+    return program, (W, init), cost
+
+
+def test_sum_and_sample_chain_raises():
+    """SumAndSample steps conditioned on each other inside pyro.markov cannot be contracted
+    (their values depend on the previous step's values: k^T values; before, a run with
+    SumAndSample on every other step of a chain of 100 ran out of memory)."""
+    program, _, _ = _sum_and_sample_steps(4)
+    elbo = storch.StorchELBO(max_plate_nesting=1)
+    with pytest.raises(StorchError, match="site 'z_2' \\(SumAndSample\\) is drawn inside "
+                       "pyro.markov per value of site 'z_1'.*Use Enumerate\\(\\) there"):
+        elbo.loss(program, None)
+
+
+def test_sum_and_sample_steps_on_a_global_site_are_unbiased():
+    """SumAndSample steps inside pyro.markov that condition on a site outside it only (no
+    chain of values) stay allowed: the mean gradient over 20 batches of 1000 draws is
+    within 4.5 s.e. of the exact one (every step of mean cost sum_z0 q(z0) E[c | z0]).
+    Power: the measured s.e. is at most 0.0034 per coordinate (gradients up to 0.34), so
+    a bias above ~0.015 fails."""
+    T, N, batches = 5, 1000, 20
+    program, params, cost = _sum_and_sample_steps(T, N, global_parent=True)
+    W, init = params
+    exact = (T - 1) * (init.softmax(-1) * (W.softmax(-1) @ cost)).sum()
+    exact = torch.cat([g.flatten() for g in torch.autograd.grad(exact, params)])
+    elbo = storch.StorchELBO(max_plate_nesting=1)
+    draws = []
+    for _ in range(batches):
+        loss = elbo.differentiable_loss(program, None) / N
+        draws.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    draws = torch.stack(draws)
+    mean, se = draws.mean(0), draws.std(0) / batches ** 0.5
+    assert se.max() < 0.01, se
+    assert ((mean - exact).abs() < 4.5 * se + 1e-9).all(), (mean, exact, se)

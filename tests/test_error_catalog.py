@@ -587,6 +587,13 @@ def _guide_chain_cost_outside_plate():
     _guide_chain_step(_unplated_cost_model, plated=True)
 
 
+def _sum_and_sample_chain():
+    from tests.test_enum_chain import _sum_and_sample_steps
+
+    program, _, _ = _sum_and_sample_steps(4)
+    storch.StorchELBO(max_plate_nesting=1).loss(program, None)
+
+
 def _sequence_step(body, **kwargs):
     def model():
         with handlers.sequence("translation", **kwargs):
@@ -730,6 +737,9 @@ ENTRIES = {
     ),
     "model-enumeration-sampled-site": Entry(
         _model_enumeration_sampled_site, StorchError, "'y'", "draw it in the guide"
+    ),
+    "sum-and-sample-chain": Entry(
+        _sum_and_sample_chain, StorchError, "'z_2'", "Use Enumerate() there"
     ),
     "guide-chain-windows": Entry(
         _guide_chain_windows, StorchError, "'pair'", "Widen the guide's window"

@@ -78,7 +78,10 @@ class SumAndSample(Estimator):
     Unbiased; variance no higher than REINFORCE's with one sample. The value holds the
     ``k`` values on a sample dim left of all plates. ``k`` must not exceed the support
     size. Needs ``fn.has_enumerate_support``; as for :class:`Enumerate`, costs of a site in
-    a plate must be in that plate.
+    a plate must be in that plate. Its values depend on the values it is drawn per value
+    of, so it is not contracted along ``pyro.markov``: a step drawn per value of an earlier
+    step of its window raises (a chain of them would hold :math:`k^T` values; use
+    :class:`Enumerate` there).
 
     :param int k: evaluations per site (``k - 1`` summed, one sampled).
 

@@ -27,7 +27,7 @@ from storch_pyro.estimators.base import (
     log_prob_error,
     without_masks,
 )
-from storch_pyro.estimators.enumeration import Enumerate
+from storch_pyro.estimators.enumeration import Enumerate, SumAndSample
 from storch_pyro.handlers.config import _SiteConfigMessenger
 from storch_pyro.handlers.records import (
     SAMPLE_FRAME_PREFIX,
@@ -149,6 +149,8 @@ class StorchMessenger(Messenger):
                 baseline = config.baseline_for(name, estimator, draw)
                 self._pending[name] = (estimator, baseline, site, draw, own_frame)
                 return
+        if scope is not None and type(estimator) is SumAndSample and run.sample_frames:
+            _check_sum_and_sample_in_chain(name, fn.batch_shape, run, scope)
         draw = estimator.draw(site)
         baseline = config.baseline_for(name, estimator, draw)
         own_frame = None
@@ -346,6 +348,25 @@ def _check_foldable(name: str, estimator: Estimator, baseline: Optional[Baseline
             f"ScoreFunction() without a baseline there, enumerate the site too, or draw it "
             f"outside pyro.markov."
         )
+
+
+def _check_sum_and_sample_in_chain(name: str, batch_shape: torch.Size, run: Run, scope) -> None:
+    """Raises for a ``SumAndSample`` site inside ``pyro.markov`` drawn per value of an
+    earlier multi-valued site of its window: its ``k`` values depend on that site's values,
+    so they vary along every earlier step's dim, no dim can be recycled and a chain of them
+    holds :math:`k^T` values (the run grows exponentially: out of memory at ``T = 100``
+    with ``k = 2`` on every other step). Variable elimination needs each step's values to
+    depend on the values of the window only (as ``Enumerate``'s support does)."""
+    for dim, _, key in run.sample_frames:
+        parent = key[0][len(SAMPLE_FRAME_PREFIX):]
+        if len(batch_shape) >= -dim and batch_shape[dim] > 1 and parent in scope:
+            raise StorchError(
+                f"site '{name}' (SumAndSample) is drawn inside pyro.markov per value of "
+                f"site '{parent}': its summed and sampled values depend on that site's "
+                f"values, so they cannot share recycled dims and a chain of such sites "
+                f"grows as k^T. Use Enumerate() there (exact, contracted along the chain, "
+                f"linear in T) or ScoreFunction(), or draw '{name}' outside pyro.markov."
+            )
 
 
 def _mask_shape_error(name: str, mask: torch.Tensor, log_prob: torch.Tensor) -> MaskShapeError:
