@@ -189,6 +189,76 @@ def test_mixed_guide_chain_is_unbiased(credit):
     assert ((mean - exact).abs() < 4.5 * se + 1e-9).all(), (mean, exact, se)
 
 
+@pytest.mark.parametrize("credit", ["order", "data_flow"])
+def test_alternating_guide_chain_is_unbiased(credit):
+    """Guide steps alternate Enumerate and ScoreFunction along one chain (each sampled step
+    drawn per value of the enumerated one before it, each enumerated step conditioned on
+    the sample before it). The mean gradient over 20000 copies in a plate (per-copy
+    parameters) is within 4.5 s.e. of TraceEnum_ELBO's exact one in every coordinate.
+    Power: the measured s.e. is at most 0.06 per coordinate (gradients up to ~1.3), so a
+    bias above ~0.27 fails. Also: the Hessian of the exact (all enumerated) loss equals
+    TraceEnum_ELBO's (second order through the kept beliefs), and vectorized particles give
+    the same exact loss."""
+    T, N = 6, 20000
+    generator = torch.Generator().manual_seed(7)
+    shapes = {"q0": (K,), "qtrans": (K, K), "init": (K,), "trans": (K, K), "locs": (K,)}
+    base = {name: torch.randn(shape, dtype=torch.float64, generator=generator)
+            for name, shape in shapes.items()}
+    data = torch.randn(T, dtype=torch.float64, generator=generator)
+
+    def model(p, n):
+        i = torch.arange(n)
+        with pyro.plate("copies", n, dim=-1):
+            z = None
+            for t in pyro.markov(range(T)):
+                logits = p["init"] if z is None else p["trans"][i, z]
+                z = pyro.sample(f"z_{t}", dist.Categorical(logits=logits))
+                pyro.sample(f"x_{t}", dist.Normal(p["locs"][i, z], 1.0), obs=data[t])
+
+    def guide(p, n):
+        i = torch.arange(n)
+        with pyro.plate("copies", n, dim=-1):
+            z = None
+            for t in pyro.markov(range(T)):
+                logits = p["q0"] if z is None else p["qtrans"][i, z] + data[t]
+                z = pyro.sample(f"z_{t}", dist.Categorical(logits=logits))
+
+    def copies(n):
+        return {name: value.expand((n,) + value.shape).clone().requires_grad_()
+                for name, value in base.items()}
+
+    exact_params = copies(1)
+    exact_loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
+        model, config_enumerate(guide), exact_params, 1)
+    exact = torch.cat([g.flatten() for g in torch.autograd.grad(
+        exact_loss, list(exact_params.values()), create_graph=True)])
+
+    params = copies(N)
+    config = {f"z_{t}": estimators.Enumerate() if t % 2 == 0 else estimators.ScoreFunction()
+              for t in range(T)}
+    with storch.handlers.estimator(config=config):
+        elbo = storch.StorchELBO(max_plate_nesting=1, credit=credit)
+        loss = elbo.differentiable_loss(model, guide, params, N)
+    draws = torch.cat([g.reshape(N, -1) for g in torch.autograd.grad(loss, list(
+        params.values()))], 1)
+    mean, se = draws.mean(0), draws.std(0) / N ** 0.5
+    assert se.max() < 0.08, se
+    assert ((mean - exact.detach()).abs() < 4.5 * se + 1e-9).all(), (mean, exact, se)
+
+    one = copies(1)
+    with storch.handlers.estimator(config={f"z_{t}": estimators.Enumerate() for t in range(T)}):
+        got = storch.StorchELBO(max_plate_nesting=1, credit=credit).differentiable_loss(
+            model, guide, one, 1)
+        vectorized = storch.StorchELBO(max_plate_nesting=1, credit=credit, num_particles=3,
+                                       vectorize_particles=True).differentiable_loss(
+            model, guide, one, 1)
+    assert abs(float(vectorized.detach()) - float(got.detach())) < 1e-10
+    hessian = torch.autograd.grad(
+        torch.autograd.grad(got, one["qtrans"], create_graph=True)[0].sum(), one["qtrans"])[0]
+    want = torch.autograd.grad(exact[3:12].sum(), exact_params["qtrans"])[0]
+    assert (hessian - want).abs().max() < 1e-8
+
+
 # ---- what cannot be contracted -------------------------------------------------------------
 def _chain_guide(T=4):
     def guide():
