@@ -98,7 +98,9 @@ def _has_dim(tensor: torch.Tensor, dim: int) -> bool:
 
 class Chain:
     """The enumerated sites of one pass drawn inside ``pyro.markov`` (see the module
-    docstring): their recycled dims and the belief over the live ones."""
+    docstring): their recycled dims and the belief over the live ones; for a guide's
+    chain, also the belief each site was last live in, which weights the model's costs
+    (:meth:`replay`)."""
 
     def __init__(self, log: bool = False) -> None:
         #: Log-space (a model's enumerated sites in ELBO mode: the belief is a sum of

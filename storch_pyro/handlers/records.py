@@ -117,7 +117,8 @@ class Run:
         #: (:class:`~storch_pyro.data_flow.DataFlow`); ``None`` for credit by order.
         self.flow: Any = None
         #: The enumerated sites drawn inside ``pyro.markov`` in a pure stochastic
-        #: computation graph, contracted by variable elimination
+        #: computation graph or a guide (or a model's enumerated sites, with a guide),
+        #: contracted by variable elimination
         #: (:mod:`storch_pyro.contraction`); ``None`` until the first one.
         self.chain: Optional[Chain] = None
 
