@@ -332,3 +332,38 @@ def test_what_cannot_be_contracted_raises(model, guide, match):
     elbo = storch.StorchELBO(max_plate_nesting=1)
     with storch.handlers.estimator(config=config), pytest.raises(StorchError, match=match):
         elbo.loss(model, guide)
+
+
+def test_subsampled_scaled_guide_chain_equals_trace_enum():
+    """A guide chain in a subsampled plate (scale N / 3), observations under
+    ``poutine.scale``: loss and gradients equal TraceEnum_ELBO's."""
+    from pyro import poutine
+
+    T, N = 5, 6
+    generator = torch.Generator().manual_seed(1)
+    W = torch.randn(N, K, K, dtype=torch.float64, generator=generator).requires_grad_()
+    V = torch.randn(K, K, dtype=torch.float64, generator=generator).requires_grad_()
+    locs = torch.randn(K, dtype=torch.float64, generator=generator).requires_grad_()
+    data = torch.randn(T, N, dtype=torch.float64, generator=generator)
+    subsample = torch.tensor([0, 2, 5])
+
+    def model():
+        with pyro.plate("seqs", N, subsample=subsample, dim=-1) as i:
+            z = None
+            for t in pyro.markov(range(T)):
+                z = pyro.sample(f"z_{t}", dist.Categorical(logits=V[0] if z is None else V[z]))
+                with poutine.scale(scale=0.5):
+                    pyro.sample(f"x_{t}", dist.Normal(locs[z], 1.0), obs=data[t, i])
+
+    def guide():
+        with pyro.plate("seqs", N, subsample=subsample, dim=-1) as i:
+            z = None
+            for t in pyro.markov(range(T)):
+                logits = W[i, 0] if z is None else W[i, z]
+                z = pyro.sample(f"z_{t}", dist.Categorical(logits=logits))
+
+    elbo = storch.StorchELBO(max_plate_nesting=1, default_estimator=estimators.Enumerate())
+    got = elbo.differentiable_loss(model, guide)
+    want = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
+        model, config_enumerate(guide))
+    _assert_close(got, want, [W, V, locs], tol=1e-10)
