@@ -588,10 +588,9 @@ def _guide_chain_cost_outside_plate():
 
 
 def _sum_and_sample_chain():
-    from tests.test_enum_chain import _sum_and_sample_steps
+    from tests.test_enum_chain import _sum_and_sample_on_enumerated_chain
 
-    program, _, _ = _sum_and_sample_steps(4)
-    storch.StorchELBO(max_plate_nesting=1).loss(program, None)
+    storch.StorchELBO(max_plate_nesting=0).loss(_sum_and_sample_on_enumerated_chain(4), None)
 
 
 def _sequence_step(body, **kwargs):
@@ -739,7 +738,7 @@ ENTRIES = {
         _model_enumeration_sampled_site, StorchError, "'y'", "draw it in the guide"
     ),
     "sum-and-sample-chain": Entry(
-        _sum_and_sample_chain, StorchError, "'z_2'", "Use Enumerate() there"
+        _sum_and_sample_chain, StorchError, "'y_1'", "Use Enumerate() there"
     ),
     "guide-chain-windows": Entry(
         _guide_chain_windows, StorchError, "'pair'", "Widen the guide's window"

@@ -79,9 +79,9 @@ class SumAndSample(Estimator):
     ``k`` values on a sample dim left of all plates. ``k`` must not exceed the support
     size. Needs ``fn.has_enumerate_support``; as for :class:`Enumerate`, costs of a site in
     a plate must be in that plate. Its values depend on the values it is drawn per value
-    of, so it is not contracted along ``pyro.markov``: a step drawn per value of an earlier
-    step of its window raises (a chain of them would hold :math:`k^T` values; use
-    :class:`Enumerate` there).
+    of, so it is not contracted along ``pyro.markov``: drawn per value of an
+    :class:`Enumerate` site of a contracted chain it raises; a chain of its own steps keeps
+    one sample dim per step (:math:`k^T` values; use :class:`Enumerate` for long chains).
 
     :param int k: evaluations per site (``k - 1`` summed, one sampled).
 

@@ -149,8 +149,8 @@ class StorchMessenger(Messenger):
                 baseline = config.baseline_for(name, estimator, draw)
                 self._pending[name] = (estimator, baseline, site, draw, own_frame)
                 return
-        if scope is not None and type(estimator) is SumAndSample and run.sample_frames:
-            _check_sum_and_sample_in_chain(name, fn.batch_shape, run, scope)
+        if run.chain is not None and not run.chain.log and type(estimator) is SumAndSample:
+            _check_sum_and_sample_in_chain(name, fn.batch_shape, run.chain)
         draw = estimator.draw(site)
         baseline = config.baseline_for(name, estimator, draw)
         own_frame = None
@@ -350,22 +350,23 @@ def _check_foldable(name: str, estimator: Estimator, baseline: Optional[Baseline
         )
 
 
-def _check_sum_and_sample_in_chain(name: str, batch_shape: torch.Size, run: Run, scope) -> None:
-    """Raises for a ``SumAndSample`` site inside ``pyro.markov`` drawn per value of an
-    earlier multi-valued site of its window: its ``k`` values depend on that site's values,
-    so they vary along every earlier step's dim, no dim can be recycled and a chain of them
-    holds :math:`k^T` values (the run grows exponentially: out of memory at ``T = 100``
-    with ``k = 2`` on every other step). Variable elimination needs each step's values to
-    depend on the values of the window only (as ``Enumerate``'s support does)."""
-    for dim, _, key in run.sample_frames:
-        parent = key[0][len(SAMPLE_FRAME_PREFIX):]
-        if len(batch_shape) >= -dim and batch_shape[dim] > 1 and parent in scope:
+def _check_sum_and_sample_in_chain(name: str, batch_shape: torch.Size, chain: Chain) -> None:
+    """Raises for a ``SumAndSample`` site drawn per value of an enumerated site whose dim
+    the :class:`~storch_pyro.contraction.Chain` contracts (live in the chain): its ``k``
+    values depend on that site's values, so they cannot be summed out of the belief and the
+    dim could not be recycled. Drawn per value of a site that is not contracted (a
+    ``SumAndSample`` or multi-sample step of a chain without ``Enumerate``), it keeps its own
+    sample dim: exact and unbiased, the values growing as :math:`k^T` along a chain."""
+    for dim, (parent, _) in chain.owners.items():
+        if len(batch_shape) >= -dim and batch_shape[dim] > 1:
             raise StorchError(
-                f"site '{name}' (SumAndSample) is drawn inside pyro.markov per value of "
-                f"site '{parent}': its summed and sampled values depend on that site's "
-                f"values, so they cannot share recycled dims and a chain of such sites "
-                f"grows as k^T. Use Enumerate() there (exact, contracted along the chain, "
-                f"linear in T) or ScoreFunction(), or draw '{name}' outside pyro.markov."
+                f"site '{name}' (SumAndSample) is drawn per value of site '{parent}', an "
+                f"enumerated site of the pyro.markov chain that starts at "
+                f"'{chain.first_site}' (contracted by variable elimination): its summed and "
+                f"sampled values depend on the values of '{parent}', so they cannot be "
+                f"contracted with it. Use Enumerate() there (exact, contracted along the "
+                f"chain, linear in T) or ScoreFunction(), or make '{name}' independent of the "
+                f"chain's enumerated sites."
             )
 
 
