@@ -75,7 +75,7 @@ recycled is found by provenance (:mod:`storch_pyro.sample_dims`).
 """
 
 from collections import Counter
-from typing import Dict, FrozenSet, Iterable, Optional, Set, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 import torch
 
@@ -134,6 +134,16 @@ class Chain:
         #: Frame key -> rank of its snapshot in time.
         self.snapshot_rank: Dict[FrameKey, int] = {}
         self._marginals: Dict[FrozenSet[FrameKey], torch.Tensor] = {}
+        #: In log-space, while a guide's chain is replayed (:meth:`split`): the belief as a
+        #: sum of parts, one per connected set of the model's live enumerated sites.
+        self.parts: Optional[List[torch.Tensor]] = None
+        #: Parts whose enumerated sites are all summed out, to be recorded as costs.
+        self.ready: List[torch.Tensor] = []
+        #: Dims released early (:meth:`release`) -> their site, free for the next sites.
+        self.released: Dict[int, str] = {}
+        #: Indices in ``Run.costs`` of the terms of the sum (whose enumerated sites' dims
+        #: were summed out, not lost: :mod:`storch_pyro.sample_dims`).
+        self.summed_costs: Set[int] = set()
 
     # ---- dims ----------------------------------------------------------------------------
     def is_live(self, key: FrameKey) -> bool:
@@ -159,7 +169,9 @@ class Chain:
         if scope is None or self.replaying:
             return
         visible = self.visible_dims(scope)
-        for dim, (owner, _) in self.owners.items():
+        owners = {dim: owner for dim, (owner, _) in self.owners.items()}
+        owners.update(self.released)
+        for dim, owner in owners.items():
             if len(batch_shape) >= -dim and batch_shape[dim] > 1 and dim not in visible:
                 raise StorchError(
                     f"site '{site}' depends on the enumerated site '{owner}', which is "
@@ -177,7 +189,11 @@ class Chain:
         (dim, frame key, whether it is a new dim)."""
         visible = self.visible_dims(scope)
         free = sorted((d for d in self.owners if d not in visible), reverse=True)
-        if free:
+        if self.released:
+            dim = max(self.released)
+            del self.released[dim]
+            fresh = False
+        elif free:
             dim = free[0]
             self._eliminate(dim)
             fresh = False
@@ -204,6 +220,13 @@ class Chain:
         belief = self.belief
         if self.deferred:
             self._snapshot(self.owners[dim][1])
+        if self.parts is not None:
+            del self.owners[dim]
+            parts = [part.logsumexp(dim, keepdim=True) if _has_dim(part, dim) else part
+                     for part in self.parts]
+            self.parts = [part for part in parts if self.carries(part)]
+            self.ready += [part for part in parts if not self.carries(part)]
+            return
         if belief is not None and _has_dim(belief, dim):
             if self.log:
                 self.belief = belief.logsumexp(dim, keepdim=True)
@@ -275,12 +298,22 @@ class Chain:
         extra = [key[1] for key in plates - self.plates if _has_dim(log_factor, key[1])]
         if extra:
             log_factor = log_factor.sum(extra, keepdim=True)
+        if self.parts is not None:
+            dims = {d for d in self.owners if _has_dim(log_factor, d)}
+            joined = [part for part in self.parts if any(_has_dim(part, d) for d in dims)]
+            self.parts = [part for part in self.parts if all(part is not j for j in joined)]
+            self.parts.append(sum(joined, log_factor))
+            return
         self.belief = log_factor if self.belief is None else self.belief + log_factor
 
     def finish(self) -> Optional[torch.Tensor]:
         r"""In log-space: minus the log of the sum over the live sites' values of the
         product of factors (per index of the chain's plates), :math:`-\log \sum_z
         p(x, z)` (the variables already eliminated were summed as they were recycled)."""
+        if self.parts is not None:  # the parts left are recorded apart (release)
+            for dim in sorted(self.owners):
+                self._eliminate(dim)
+            return None
         belief = self.belief
         if belief is None:
             return None
@@ -377,6 +410,47 @@ class Chain:
         marginal = belief.sum(drop, keepdim=True) if drop else belief
         self._marginals[keys] = marginal
         return marginal
+
+    # ---- a model's log-space chain while a guide's chain is replayed ---------------------
+    def split(self) -> None:
+        r"""Keeps the log-space belief as a sum of parts, one per connected set of live
+        enumerated sites: :math:`-\log \sum_w p(x, z, w)` is then a sum of terms, each of
+        the guide sites of one part, recorded as soon as its model sites are summed out
+        (:meth:`release`), while the guide chain's dims still stand for those sites."""
+        self.parts = []
+
+    def release(self, scope: Optional[Counter]) -> List[torch.Tensor]:
+        r"""Before the model replays a guide chain site with markov ``scope``: sums out the
+        model's enumerated sites outside that window (their dims become free for the next
+        ones), and returns the parts left with no live model site, :math:`-\log \sum`
+        over their sites (costs over the guide's chain dims)."""
+        if scope is not None:
+            visible = self.visible_dims(scope)
+            # Only sites drawn inside pyro.markov: one drawn outside is in every window.
+            for dim in [d for d, (site, _) in self.owners.items()
+                        if d not in visible and site in self.sites]:
+                site = self.owners[dim][0]
+                self._eliminate(dim)
+                self.released[dim] = site
+        ready, self.ready = self.ready, []
+        return [-part for part in ready]
+
+    def check_split(self, dim: int, site: str, guide_site: str) -> None:
+        """Raises if a part with live model sites carries the guide chain's ``dim``, about to
+        stand for ``site`` instead of ``guide_site``: that part's sum couples sites of the
+        guide that no window holds."""
+        for part in self.parts or ():
+            if _has_dim(part, dim):
+                model_sites = sorted(self.owners[d][0] for d in self.owners if _has_dim(part, d))
+                names = ", ".join(f"'{name}'" for name in model_sites)
+                raise StorchError(
+                    f"the model's enumerated site(s) {names} (summed out of p(x, z)) depend "
+                    f"on the guide's enumerated site '{guide_site}' and are not summed out "
+                    f"yet when the model replays '{site}', which takes its dim: -log sum "
+                    f"over their values couples guide sites that no pyro.markov window holds "
+                    f"together. Enumerate {names} in the guide too, or make them depend on "
+                    f"the sites of one window of the chain (e.g. one such site per step)."
+                )
 
     def describe_stale(self, key: FrameKey) -> Optional[str]:
         """For a recycled frame key: the message naming its site; ``None`` if live."""

@@ -117,10 +117,12 @@ class Run:
         #: (:class:`~storch_pyro.data_flow.DataFlow`); ``None`` for credit by order.
         self.flow: Any = None
         #: The enumerated sites drawn inside ``pyro.markov`` in a pure stochastic
-        #: computation graph or a guide (or a model's enumerated sites, with a guide),
-        #: contracted by variable elimination
+        #: computation graph or a guide, contracted by variable elimination
         #: (:mod:`storch_pyro.contraction`); ``None`` until the first one.
         self.chain: Optional[Chain] = None
+        #: A model's enumerated sites (with a guide), summed out of p(x, z) in log-space
+        #: (split in parts while a guide's chain is replayed); ``None`` until the first one.
+        self.model_chain: Optional[Chain] = None
 
     def raise_deferred(self) -> None:
         """Raises the error recorded for a mask of the wrong shape, if any.
@@ -193,22 +195,23 @@ class Run:
     ) -> Tuple[int, FrameKey]:
         """A sample dim for an enumerated site inside ``pyro.markov``: recycled from a
         site out of its window where one is free (:meth:`Chain.allocate`)."""
-        if self.chain is None:
-            self.chain = Chain(log)
-        elif self.chain.log != log:
-            raise StorchError(
-                f"site '{site}' is enumerated in the model (summed out of p(x, z)) while the "
-                f"guide enumerates the pyro.markov chain that starts at "
-                f"'{self.chain.first_site}'; StorchELBO contracts one of the two per run. "
-                f"Enumerate '{site}' in the guide too, or sample the guide's chain."
-            )
+        if log:
+            if self.model_chain is None:
+                self.model_chain = Chain(log=True)
+                if self.chain is not None and self.chain.replaying:
+                    self.model_chain.split()
+            chain = self.model_chain
+        else:
+            if self.chain is None:
+                self.chain = Chain(log=False)
+            chain = self.chain
 
         def new_dim() -> int:
             dim = self.next_sample_dim
             self.next_sample_dim -= 1
             return dim
 
-        dim, key, fresh = self.chain.allocate(site, scope, new_dim, n_samples)
+        dim, key, fresh = chain.allocate(site, scope, new_dim, n_samples)
         if not fresh:
             self.sample_frames = [frame for frame in self.sample_frames if frame[0] != dim]
         self.sample_frames.append((dim, n_samples, key))
@@ -259,6 +262,7 @@ class Run:
             included = []
             shapes = [tensor.shape]
             chain = self.chain
+            model_chain = self.model_chain
             chain_dims: List[int] = []
             marginal_dims: List[int] = []
             marginal = None
@@ -270,6 +274,8 @@ class Run:
                     included.append(key)
                     if chain is not None and chain.is_live(key):
                         chain_dims.append(dim)
+                    elif model_chain is not None and key in model_chain.recycled:
+                        pass  # summed out of p(x, z) (a factor, not a weighted cost)
                     else:
                         frame_weight = self.frame_weights[key]
                         weight = weight * frame_weight
@@ -285,13 +291,13 @@ class Run:
                             f"Move '{site}' inside them, or give that site an estimator that "
                             f"samples (e.g. ScoreFunction)."
                         )
-                if not shapes and len(chain_dims) > len(marginal_dims) and not chain.log:
+                if not shapes and len(chain_dims) > len(marginal_dims):
                     # The belief over the chain dims may bring in frames it is
                     # conditioned on, whose weights may bring in more chain dims.
                     marginal_dims = list(chain_dims)
                     marginal = chain.marginal(marginal_dims, site, plates)
                     shapes.append(marginal.shape)
-            if chain_dims and not chain.log:
+            if chain_dims:
                 weight = weight * marginal
                 version = chain.version_key()
                 if version is not None:

@@ -73,18 +73,26 @@ class StorchMessenger(Messenger):
         chain = self.run.chain
         if chain is not None and chain.deferred and self.role == "guide":
             chain.end_guide()  # the model's costs come now (Chain.replay)
-        if args and args[0] is None and chain is not None and chain.log and self.role == "model":
-            # The model's enumerated sites, summed out: one cost -log sum_z p(x, z).
-            value = chain.finish()
-            if value is not None:
-                name = chain.first_site + ":marginal"
-                chain.log = False  # recorded as a plain cost
-                ordinal, seq, weight = self.run.frames_of(value, chain.stack, name)
-                # Credit by order (every guide site's score), also under credit="data_flow".
-                self._add_cost(name, value, chain.scale, 1.0, ordinal, seq, weight,
-                               chain.stack, by_order=True)
-                chain.log = True
+        model_chain = self.run.model_chain
+        if args and args[0] is None and model_chain is not None and self.role == "model":
+            # The model's enumerated sites, summed out: one cost -log sum_z p(x, z) (or one
+            # per part, while a guide's chain is replayed: Chain.split).
+            value = model_chain.finish()
+            self._record_marginals(model_chain, [value] if value is not None else [])
+            self._record_marginals(model_chain, model_chain.release(None))
         return super().__exit__(*args, **kwargs)
+
+    def _record_marginals(self, model_chain: Chain, values: List[torch.Tensor]) -> None:
+        """Records terms of :math:`-\\log \\sum_z p(x, z)` (no live enumerated model site
+        left in them) as costs, weighted by the guide chain's marginals where they carry its
+        dims."""
+        name = model_chain.first_site + ":marginal"
+        for value in values:
+            ordinal, seq, weight = self.run.frames_of(value, model_chain.stack, name)
+            # Credit by order (every guide site's score), also under credit="data_flow".
+            self._add_cost(name, value, model_chain.scale, 1.0, ordinal, seq, weight,
+                           model_chain.stack, by_order=True)
+            model_chain.summed_costs.add(len(self.run.costs) - 1)
 
     # ---- drawing -------------------------------------------------------------------------
     def _pyro_sample(self, msg: Message) -> None:
@@ -96,6 +104,15 @@ class StorchMessenger(Messenger):
                 msg["done"] = True
                 mark_replayed(msg)
                 if run.chain is not None and run.chain.replaying:
+                    frame = run.chain.frames.get(name)
+                    model_chain = run.model_chain
+                    if frame is not None and model_chain is not None:
+                        # Terms of -log sum_w p(x, z, w) complete before its dim is retaken.
+                        scope = msg["infer"].get("_markov_scope")
+                        self._record_marginals(model_chain, model_chain.release(scope))
+                        owner = run.chain.owners.get(frame[0])
+                        if owner is not None and owner[0] != name:
+                            model_chain.check_split(frame[0], name, owner[0])
                     frame = run.chain.replay(name)
                     if frame is not None:
                         run.use_chain_frame(*frame)
@@ -119,6 +136,8 @@ class StorchMessenger(Messenger):
         scope = msg["infer"].get("_markov_scope")
         if run.chain is not None:
             run.chain.check_inputs(name, fn.batch_shape, scope)
+        if run.model_chain is not None:
+            run.model_chain.check_inputs(name, fn.batch_shape, scope)
         if (type(estimator) is Enumerate
                 and (self.role == "model"
                      or scope is not None)):
@@ -149,7 +168,8 @@ class StorchMessenger(Messenger):
                 baseline = config.baseline_for(name, estimator, draw)
                 self._pending[name] = (estimator, baseline, site, draw, own_frame)
                 return
-        if run.chain is not None and not run.chain.log and type(estimator) is SumAndSample:
+        if (run.chain is not None and not run.chain.replaying
+                and type(estimator) is SumAndSample):
             _check_sum_and_sample_in_chain(name, fn.batch_shape, run.chain)
         draw = estimator.draw(site)
         baseline = config.baseline_for(name, estimator, draw)
@@ -216,18 +236,21 @@ class StorchMessenger(Messenger):
             return
         if pending is not None:
             chain = run.chain
-            if chain is not None and "_markov_depth" in msg["infer"]:
-                chain.note_site(name, msg["infer"]["_markov_depth"], value, fn.event_dim)
+            model_chain = run.model_chain
+            if "_markov_depth" in msg["infer"]:
+                for noted in (chain, model_chain):
+                    if noted is not None:
+                        noted.note_site(name, msg["infer"]["_markov_depth"], value,
+                                        fn.event_dim)
             if own_frame is not None and draw.weights is not None:
                 weights = draw.weights
+                if model_chain is not None and model_chain.is_live(own_frame):
+                    if model_chain.plates is None:
+                        model_chain._check_plates(name, stack, "enumerated")
+                    # In a model: a factor of p(x, z), as TraceEnum_ELBO, unmasked.
+                    self._add_cost(name, unmasked, msg["scale"], -1.0, None, (), 1.0, stack)
+                    return
                 if chain is not None and chain.is_live(own_frame):
-                    if chain.log:
-                        if chain.plates is None:
-                            chain._check_plates(name, stack, "enumerated")
-                        # In a model: a factor of p(x, z), as TraceEnum_ELBO, unmasked.
-                        self._add_cost(name, unmasked, msg["scale"], -1.0, None, (), 1.0,
-                                       stack)
-                        return
                     chain.extend(name, weights, stack)
                     if self.role == "scg":
                         return  # in a pure SCG: neither a node nor a cost
@@ -246,15 +269,14 @@ class StorchMessenger(Messenger):
                 # What the site's distribution (and so its value) can depend on.
                 provenance = flow.of((log_prob, unmasked, value, weight))
                 deps = flow.resolve(provenance, len(run.nodes), name)
-            if chain is not None and chain.log and chain.carries(unmasked) and not (
-                    own_frame is not None and chain.is_live(own_frame)):
+            if model_chain is not None and model_chain.carries(unmasked):
                 raise StorchError(
                     f"site '{name}' is drawn per value of enumerated model sites (summed "
                     f"out of the model's joint density), which only enumerated sites can "
                     f"be. Enumerate '{name}' too, or draw it in the guide."
                 )
             score = draw.score
-            if chain is not None and not chain.log and chain.carries(unmasked):
+            if chain is not None and chain.carries(unmasked):
                 if chain.replaying:
                     raise StorchError(
                         f"site '{name}' of the model is drawn per value of the guide's "
@@ -318,9 +340,9 @@ class StorchMessenger(Messenger):
     def _add_cost(self, name, value, scale, sign, ordinal, seq, weight, stack,
                   deps=None, by_order: bool = False) -> None:
         run = self.run
-        chain = run.chain
-        if chain is not None and chain.log and chain.carries(value):
-            chain.add_factor(name, -sign * value, scale, stack)
+        model_chain = run.model_chain
+        if model_chain is not None and model_chain.carries(value):
+            model_chain.add_factor(name, -sign * value, scale, stack)
             return
         if run.flow is not None and not by_order:
             provenance = run.flow.of((value, weight, scale))
