@@ -120,6 +120,10 @@ class Run:
         #: computation graph or a guide, contracted by variable elimination
         #: (:mod:`storch_pyro.contraction`); ``None`` until the first one.
         self.chain: Optional[Chain] = None
+        #: Ordinal of a cost carrying live chain dims -> their marginal (the factor of the
+        #: cost's weight that :meth:`weight_of` lacks): the costs downstream of a site
+        #: upstream of the chain are weighted by it (``surrogate._downstream_cost``).
+        self.chain_marginals: Dict[FrozenSet[FrameKey], torch.Tensor] = {}
         #: A model's enumerated sites (with a guide), summed out of p(x, z) in log-space
         #: (split in parts while a guide's chain is replayed); ``None`` until the first one.
         self.model_chain: Optional[Chain] = None
@@ -303,5 +307,7 @@ class Run:
                 if version is not None:
                     included.append(version)
             keys.extend(included)
+            if chain_dims:
+                self.chain_marginals[frozenset(keys)] = marginal
         seq = tuple((f.name, f.counter) for f in stack if f.dim is None)
         return frozenset(keys), seq, weight
