@@ -69,9 +69,17 @@ naming the site and the remedy: a site whose distribution depends on an enumerat
 outside its markov window, enumerated sites of one chain in different plates, a cost that
 lacks the plates of the chain, a sampled site with a baseline or control variate drawn per
 value of an enumerated one; with a guide's chain, a model cost of sites never live together,
-a latent model site drawn per value of the chain, and a model that enumerates sites too.
+a latent model site drawn per value of the chain, and a model-enumerated site that couples
+guide sites no window holds together.
 On validated steps, a cost computed from a value whose dim was
 recycled is found by provenance (:mod:`storch_pyro.sample_dims`).
+
+**Both at once** (a guide's chain, and model sites the guide lacks): the model's sum is a
+second, log-space :class:`Chain` (``Run.model_chain``) kept as a sum of parts, one per
+connected set of its live enumerated sites (:meth:`Chain.split`); before the model replays a
+guide chain site, the model sites outside its window are summed out and each part left
+without live model sites is recorded as a term of :math:`-\\log \\sum_w p(x, z, w)`, weighted
+by the guide chain's marginal of the guide sites it carries (:meth:`Chain.release`).
 """
 
 from collections import Counter
