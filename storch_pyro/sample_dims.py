@@ -195,8 +195,14 @@ class SampleDimChecks:
         if len(costs) == self._n_costs:
             return
         sizes = {frame.key: frame.size for frame in self.run.live_frames.values()}
-        for cost in costs[self._n_costs:]:
+        model_chain = self.run.model_chain
+        for index in range(self._n_costs, len(costs)):
+            cost = costs[index]
             provenance = self.table.get(cost.value)
+            if model_chain is not None and index in model_chain.summed_costs:
+                # a term of -log sum_w p(x, z, w): the model's enumerated sites summed out
+                provenance = frozenset(key for key in provenance
+                                       if key not in model_chain.recycled)
             # A key without a size is an enumerated chain site's whose dim was recycled
             # (storch_pyro.contraction): the cost used a value out of its markov window.
             lost = [key for key in provenance
@@ -212,8 +218,8 @@ class SampleDimChecks:
         if not self.lost:
             return
         cost, keys = self.lost[0]
-        chain = self.run.chain
-        stale = [chain.describe_stale(key) for key in keys] if chain is not None else []
+        chains = [c for c in (self.run.chain, self.run.model_chain) if c is not None]
+        stale = [chain.describe_stale(key) for chain in chains for key in keys]
         stale = [text for text in stale if text is not None]
         if stale:
             raise StorchError(

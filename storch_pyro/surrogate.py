@@ -401,8 +401,13 @@ def _on_node_dims(
     run: Run, node: Node, group: _Group, value: torch.Tensor, detach: bool
 ) -> torch.Tensor:
     """A cost group's ``value`` on the node's dims: times the sample weights of the frames
-    the node lacks (detached or not), summed over the dims it does not share."""
+    the node lacks (detached or not) and the marginal of the enumerated chain sites it
+    carries (:attr:`Run.chain_marginals`: :math:`q(z_V \\mid \\cdot)`, conditioned on the
+    node's samples where the chain is), summed over the dims it does not share."""
     weight = run.weight_of(group.ordinal - node.ordinal)
+    marginal = run.chain_marginals.get(group.ordinal)
+    if marginal is not None:
+        weight = weight * marginal
     if isinstance(weight, torch.Tensor):
         value = value * (weight.detach() if detach else weight)
     reduced = _sum_except(value, _shared_dims(group.ordinal, node.ordinal))

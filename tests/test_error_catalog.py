@@ -554,6 +554,45 @@ def _model_enumeration_sampled_site():
     _elbo_step(model, lambda: None, max_plate_nesting=0)
 
 
+def _guide_chain_step(model, plated=False, enumerated=("z_0", "z_1", "z_2", "z_3")):
+    from tests import test_guide_enum_chain as chains
+
+    guide = chains._plated_guide if plated else chains._chain_guide()
+    config = {name: estimators.Enumerate() for name in enumerated}
+    with handlers.estimator(config=config):
+        _elbo_step(model, guide, max_plate_nesting=1)
+
+
+def _guide_chain_windows():
+    from tests.test_guide_enum_chain import _order_model
+
+    _guide_chain_step(_order_model)
+
+
+def _guide_chain_model_enumerated():
+    from tests.test_guide_enum_chain import _enumerating_model
+
+    _guide_chain_step(_enumerating_model, enumerated=("z_0", "z_1", "z_2", "z_3", "w"))
+
+
+def _guide_chain_model_sampled():
+    from tests.test_guide_enum_chain import _sampling_model
+
+    _guide_chain_step(_sampling_model)
+
+
+def _guide_chain_cost_outside_plate():
+    from tests.test_guide_enum_chain import _unplated_cost_model
+
+    _guide_chain_step(_unplated_cost_model, plated=True)
+
+
+def _sum_and_sample_chain():
+    from tests.test_enum_chain import _sum_and_sample_on_enumerated_chain
+
+    storch.StorchELBO(max_plate_nesting=0).loss(_sum_and_sample_on_enumerated_chain(4), None)
+
+
 def _sequence_step(body, **kwargs):
     def model():
         with handlers.sequence("translation", **kwargs):
@@ -697,6 +736,21 @@ ENTRIES = {
     ),
     "model-enumeration-sampled-site": Entry(
         _model_enumeration_sampled_site, StorchError, "'y'", "draw it in the guide"
+    ),
+    "sum-and-sample-chain": Entry(
+        _sum_and_sample_chain, StorchError, "'y_1'", "Use Enumerate() there"
+    ),
+    "guide-chain-windows": Entry(
+        _guide_chain_windows, StorchError, "'pair'", "Widen the guide's window"
+    ),
+    "guide-chain-model-enumerated": Entry(
+        _guide_chain_model_enumerated, StorchError, "'w'", "Enumerate 'w' in the guide too"
+    ),
+    "guide-chain-model-sampled": Entry(
+        _guide_chain_model_sampled, StorchError, "'w'", "Draw 'w' in the guide"
+    ),
+    "guide-chain-cost-outside-plate": Entry(
+        _guide_chain_cost_outside_plate, StorchError, "'total'", "Compute it inside those plates"
     ),
     "pyro-baseline-option": Entry(
         _pyro_baseline_option, StorchError, "'z'", "use only ['baseline_beta'"

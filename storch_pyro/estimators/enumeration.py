@@ -31,9 +31,9 @@ class Enumerate(Estimator):
     Pyro's parallel enumeration (Obermeyer et al. 2019, "Tensor Variable Elimination for
     Plated Factor Graphs").
 
-    Along a ``pyro.markov`` chain (in a model without guide) the sites recycle their dims and
-    the expected costs come from variable elimination, linear in the chain's length; in a
-    model with a guide (ELBO mode) a site the guide lacks is summed out of the joint
+    Along a ``pyro.markov`` chain (in a model without guide, or in a guide) the sites recycle
+    their dims and the expected costs come from variable elimination, linear in the chain's
+    length; in a model with a guide (ELBO mode) a site the guide lacks is summed out of the joint
     density, :math:`-\\log \\sum_z p(x, z)`, as ``TraceEnum_ELBO`` does
     (:mod:`storch_pyro.contraction`).
 
@@ -78,7 +78,10 @@ class SumAndSample(Estimator):
     Unbiased; variance no higher than REINFORCE's with one sample. The value holds the
     ``k`` values on a sample dim left of all plates. ``k`` must not exceed the support
     size. Needs ``fn.has_enumerate_support``; as for :class:`Enumerate`, costs of a site in
-    a plate must be in that plate.
+    a plate must be in that plate. Its values depend on the values it is drawn per value
+    of, so it is not contracted along ``pyro.markov``: drawn per value of an
+    :class:`Enumerate` site of a contracted chain it raises; a chain of its own steps keeps
+    one sample dim per step (:math:`k^T` values; use :class:`Enumerate` for long chains).
 
     :param int k: evaluations per site (``k - 1`` summed, one sampled).
 

@@ -212,9 +212,16 @@ class Run:
         #: (:class:`~storch_pyro.data_flow.DataFlow`); ``None`` for credit by order.
         self.flow: Any = None
         #: The enumerated sites drawn inside ``pyro.markov`` in a pure stochastic
-        #: computation graph, contracted by variable elimination
+        #: computation graph or a guide, contracted by variable elimination
         #: (:mod:`storch_pyro.contraction`); ``None`` until the first one.
         self.chain: Optional[Chain] = None
+        #: Ordinal of a cost carrying live chain dims -> their marginal (the factor of the
+        #: cost's weight that :meth:`weight_of` lacks): the costs downstream of a site
+        #: upstream of the chain are weighted by it (``surrogate._downstream_cost``).
+        self.chain_marginals: Dict[FrozenSet[FrameKey], torch.Tensor] = {}
+        #: A model's enumerated sites (with a guide), summed out of p(x, z) in log-space
+        #: (split in parts while a guide's chain is replayed); ``None`` until the first one.
+        self.model_chain: Optional[Chain] = None
 
     def raise_deferred(self) -> None:
         """Raises the error recorded for a mask of the wrong shape, if any.
@@ -294,16 +301,25 @@ class Run:
     ) -> Tuple[int, FrameKey]:
         """A sample dim for an enumerated site inside ``pyro.markov``: recycled from a
         site out of its window where one is free (:meth:`Chain.allocate`). Its frame is
-        ``"contracted"``: its weights are in the chain's belief."""
-        if self.chain is None:
-            self.chain = Chain(log)
+        ``"contracted"``: its weights are in the chain's belief (``log``: the model's sum
+        over p(x, z), :attr:`model_chain`; else :attr:`chain`)."""
+        if log:
+            if self.model_chain is None:
+                self.model_chain = Chain(log=True)
+                if self.chain is not None and self.chain.replaying:
+                    self.model_chain.split()
+            chain = self.model_chain
+        else:
+            if self.chain is None:
+                self.chain = Chain(log=False)
+            chain = self.chain
 
         def new_dim() -> int:
             dim = self.next_sample_dim
             self.next_sample_dim -= 1
             return dim
 
-        dim, key, fresh = self.chain.allocate(site, scope, new_dim)
+        dim, key, fresh = chain.allocate(site, scope, new_dim, n_samples)
         live = self.live_frames
         if not fresh:
             live.pop(dim).recycled_by = site
@@ -311,6 +327,11 @@ class Run:
         self.frames[key] = frame
         live[dim] = frame
         return dim, key
+
+    def use_chain_frame(self, dim: int, size: int, key: FrameKey) -> None:
+        """The model replays a guide's chain site: its frame takes the dim it shares with
+        the chain's other sites (:meth:`Chain.replay`)."""
+        self.live_frames[dim] = self.frames[key]
 
     def weight_of(self, ordinal) -> Any:
         """Product of the sample weights of the sample frames in ``ordinal``."""
@@ -364,6 +385,7 @@ class Run:
         included: List[FrameKey] = []
         shapes = [tensor.shape]
         chain = self.chain
+        model_chain = self.model_chain
         chain_dims: List[int] = []
         n_marginal = 0
         marginal = None
@@ -379,7 +401,9 @@ class Run:
                     continue
                 included.append(key)
                 if frame.reduction == "contracted":  # a live chain frame
-                    chain_dims.append(dim)
+                    if model_chain is None or key not in model_chain.recycled:
+                        chain_dims.append(dim)
+                    # else: summed out of p(x, z) (a factor, not a weighted cost)
                 else:
                     frame_weight = frame.weights
                     weight = frame_weight if weight is None else weight * frame_weight
@@ -394,17 +418,19 @@ class Run:
                         f"Move '{site}' inside them, or give that site an estimator that "
                         f"samples (e.g. ScoreFunction)."
                     )
-            if not shapes and len(chain_dims) > n_marginal and not chain.log:
+            if not shapes and len(chain_dims) > n_marginal:
                 # The belief over the chain dims may bring in frames it is
                 # conditioned on, whose weights may bring in more chain dims.
                 n_marginal = len(chain_dims)
-                marginal = chain.marginal(chain_dims)
+                marginal = chain.marginal(chain_dims, site, plates)
                 shapes.append(marginal.shape)
-        if chain_dims and not chain.log:
+        ordinal = plates.union(included) if included else plates
+        if chain_dims:
             weight = marginal if weight is None else weight * marginal
             version = chain.version_key()
             if version is not None:
-                included.append(version)
+                ordinal = ordinal | {version}
+            self.chain_marginals[ordinal] = marginal
         if weight is None:
             weight = 1.0
-        return (plates.union(included) if included else plates), seq, weight
+        return ordinal, seq, weight

@@ -24,6 +24,7 @@ from pyro.poutine.scale_messenger import ScaleMessenger
 from pyro.poutine.subsample_messenger import SubsampleMessenger, _Subsample
 
 from storch_pyro.baselines import Baseline
+from storch_pyro.contraction import Chain
 from storch_pyro.errors import MaskShapeError, StorchError
 from storch_pyro.estimators.base import (
     Draw,
@@ -33,7 +34,7 @@ from storch_pyro.estimators.base import (
     log_prob_error,
     without_masks,
 )
-from storch_pyro.estimators.enumeration import Enumerate
+from storch_pyro.estimators.enumeration import Enumerate, SumAndSample
 from storch_pyro.handlers.config import (
     BaselineMessenger,
     EstimatorMessenger,
@@ -81,18 +82,28 @@ class StorchMessenger(Messenger):
 
     def __exit__(self, *args, **kwargs):
         chain = self.run.chain
-        if args and args[0] is None and chain is not None and chain.log and self.role == "model":
-            # The model's enumerated sites, summed out: one cost -log sum_z p(x, z).
-            value = chain.finish()
-            if value is not None:
-                name = chain.first_site + ":marginal"
-                chain.log = False  # recorded as a plain cost
-                ordinal, seq, weight = self.run.frames_of(value, chain.stack, name)
-                # Credit by order (every guide site's score), also under credit="data_flow".
-                self._add_cost(name, value, chain.scale, 1.0, ordinal, seq, weight,
-                               chain.stack, by_order=True)
-                chain.log = True
+        if chain is not None and chain.deferred and self.role == "guide":
+            chain.end_guide()  # the model's costs come now (Chain.replay)
+        model_chain = self.run.model_chain
+        if args and args[0] is None and model_chain is not None and self.role == "model":
+            # The model's enumerated sites, summed out: one cost -log sum_z p(x, z) (or one
+            # per part, while a guide's chain is replayed: Chain.split).
+            value = model_chain.finish()
+            self._record_marginals(model_chain, [value] if value is not None else [])
+            self._record_marginals(model_chain, model_chain.release(None))
         return super().__exit__(*args, **kwargs)
+
+    def _record_marginals(self, model_chain: Chain, values: List[torch.Tensor]) -> None:
+        """Records terms of :math:`-\\log \\sum_z p(x, z)` (no live enumerated model site
+        left in them) as costs, weighted by the guide chain's marginals where they carry its
+        dims."""
+        name = model_chain.first_site + ":marginal"
+        for value in values:
+            ordinal, seq, weight = self.run.frames_of(value, model_chain.stack, name)
+            # Credit by order (every guide site's score), also under credit="data_flow".
+            self._add_cost(name, value, model_chain.scale, 1.0, ordinal, seq, weight,
+                           model_chain.stack, by_order=True)
+            model_chain.summed_costs.add(len(self.run.costs) - 1)
 
     # ---- drawing -------------------------------------------------------------------------
     def _pyro_sample(self, msg: Message) -> None:
@@ -103,6 +114,19 @@ class StorchMessenger(Messenger):
                 msg["value"] = run.guide_values[name]
                 msg["done"] = True
                 mark_replayed(msg)
+                if run.chain is not None and run.chain.replaying:
+                    frame = run.chain.frames.get(name)
+                    model_chain = run.model_chain
+                    if frame is not None and model_chain is not None:
+                        # Terms of -log sum_w p(x, z, w) complete before its dim is retaken.
+                        scope = msg["infer"].get("_markov_scope")
+                        self._record_marginals(model_chain, model_chain.release(scope))
+                        owner = run.chain.owners.get(frame[0])
+                        if owner is not None and owner[0] != name:
+                            model_chain.check_split(frame[0], name, owner[0])
+                    frame = run.chain.replay(name)
+                    if frame is not None:
+                        run.use_chain_frame(*frame)
                 return
         if msg["is_observed"] or msg["done"] or type(msg["fn"]) is _Subsample:
             return
@@ -123,16 +147,22 @@ class StorchMessenger(Messenger):
         scope = msg["infer"].get("_markov_scope")
         if run.chain is not None:
             run.chain.check_inputs(name, fn.batch_shape, scope)
+        if run.model_chain is not None:
+            run.model_chain.check_inputs(name, fn.batch_shape, scope)
         if (type(estimator) is Enumerate
                 and (self.role == "model"
-                     or (self.role == "scg" and scope is not None and run.flow is None))):
+                     or scope is not None)):
             # A model's enumerated sites (ELBO mode) are summed out of p(x, z), as
-            # TraceEnum_ELBO does; a pure SCG's are contracted along pyro.markov.
+            # TraceEnum_ELBO does; a pure SCG's or a guide's are contracted along
+            # pyro.markov (a guide's after the model has run: Chain.replay).
             support = fn.enumerate_support(expand=False)
             k = support.shape[0]
             if k > 1:
                 if not run.live_frames:
                     check_batch_shape()
+                if run.chain is None and self.role == "guide":
+                    run.chain = Chain(log=False)
+                    run.chain.deferred = True
                 sample_dim, own_frame = run.allocate_chain_dim(
                     name, k, scope, self.role == "model"
                 )
@@ -149,6 +179,9 @@ class StorchMessenger(Messenger):
                 baseline = config.baseline_for(name, estimator, draw)
                 self._pending[name] = (estimator, baseline, site, draw, own_frame)
                 return
+        if (run.chain is not None and not run.chain.replaying
+                and type(estimator) is SumAndSample):
+            _check_sum_and_sample_in_chain(name, fn.batch_shape, run.chain)
         draw = estimator.draw(site)
         baseline = config.baseline_for(name, estimator, draw)
         own_frame = None
@@ -214,18 +247,28 @@ class StorchMessenger(Messenger):
             return
         if pending is not None:
             chain = run.chain
-            if chain is not None and "_markov_depth" in msg["infer"]:
-                chain.note_site(name, msg["infer"]["_markov_depth"], value, fn.event_dim)
+            model_chain = run.model_chain
+            if "_markov_depth" in msg["infer"]:
+                for noted in (chain, model_chain):
+                    if noted is not None:
+                        noted.note_site(name, msg["infer"]["_markov_depth"], value,
+                                        fn.event_dim)
             if own_frame is not None and draw.weights is not None:
                 weights = draw.weights
-                if chain is not None and chain.is_live(own_frame):
-                    if not chain.log:
-                        chain.extend(name, weights, stack)
-                        return  # in a pure SCG: neither a node nor a cost
-                    if chain.plates is None:
-                        chain._check_plates(name, stack, "enumerated")
+                if model_chain is not None and model_chain.is_live(own_frame):
+                    if model_chain.plates is None:
+                        model_chain._check_plates(name, stack, "enumerated")
                     # In a model: a factor of p(x, z), as TraceEnum_ELBO, unmasked.
                     self._add_cost(name, unmasked, msg["scale"], -1.0, None, (), 1.0, stack)
+                    return
+                if chain is not None and chain.is_live(own_frame):
+                    chain.extend(name, weights, stack)
+                    if self.role == "scg":
+                        return  # in a pure SCG: neither a node nor a cost
+                    # In a guide: its cost log q(z | ...), weighted by the belief.
+                    run.guide_values[name] = value
+                    ordinal, seq, weight = run.frames_of(log_prob, stack, name)
+                    self._add_cost(name, masked, msg["scale"], 1.0, ordinal, seq, weight, stack)
                     return
                 run.set_frame_weights(own_frame, weights, stack)
             ordinal, seq, weight = run.frames_of(log_prob, stack, name)
@@ -237,19 +280,33 @@ class StorchMessenger(Messenger):
                 # What the site's distribution (and so its value) can depend on.
                 provenance = flow.of((log_prob, unmasked, value, weight))
                 deps = flow.resolve(provenance, len(run.nodes), name)
-            if chain is not None and chain.log and chain.carries(unmasked) and not (
-                    own_frame is not None and chain.is_live(own_frame)):
+            if model_chain is not None and model_chain.carries(unmasked):
                 raise StorchError(
                     f"site '{name}' is drawn per value of enumerated model sites (summed "
                     f"out of the model's joint density), which only enumerated sites can "
                     f"be. Enumerate '{name}' too, or draw it in the guide."
                 )
             score = draw.score
-            if chain is not None and self.role == "scg" and chain.carries(unmasked):
+            if chain is not None and chain.carries(unmasked):
+                if chain.replaying:
+                    raise StorchError(
+                        f"site '{name}' of the model is drawn per value of the guide's "
+                        f"enumerated sites (the pyro.markov chain that starts at "
+                        f"'{chain.first_site}'), which only the guide's sites can be. Draw "
+                        f"'{name}' in the guide."
+                    )
                 # Drawn per value of enumerated chain sites: the score joins the belief.
                 _check_foldable(name, estimator, baseline)
                 if score is not None:
                     chain.fold(name, score, stack)
+                if flow is not None:  # what its value can depend on (no node of its own)
+                    flow.tag(value, deps)
+                    flow.tag(density_value, deps)
+                if self.role == "scg":
+                    return
+                # In a guide: its cost log q(y | ...), weighted by the belief with its score.
+                ordinal, seq, weight = run.frames_of(log_prob, stack, name)
+                self._add_cost(name, masked, msg["scale"], 1.0, ordinal, seq, weight, stack)
                 return
             if score is not None or adds_terms(estimator):
                 direct = None
@@ -294,9 +351,9 @@ class StorchMessenger(Messenger):
     def _add_cost(self, name, value, scale, sign, ordinal, seq, weight, stack,
                   deps=None, by_order: bool = False) -> None:
         run = self.run
-        chain = run.chain
-        if chain is not None and chain.log and chain.carries(value):
-            chain.add_factor(name, -sign * value, scale, stack)
+        model_chain = run.model_chain
+        if model_chain is not None and model_chain.carries(value):
+            model_chain.add_factor(name, -sign * value, scale, stack)
             return
         if run.flow is not None and not by_order:
             provenance = run.flow.of((value, weight, scale))
@@ -462,6 +519,26 @@ def _check_foldable(name: str, estimator: Estimator, baseline: Optional[Baseline
             f"ScoreFunction() without a baseline there, enumerate the site too, or draw it "
             f"outside pyro.markov."
         )
+
+
+def _check_sum_and_sample_in_chain(name: str, batch_shape: torch.Size, chain: Chain) -> None:
+    """Raises for a ``SumAndSample`` site drawn per value of an enumerated site whose dim
+    the :class:`~storch_pyro.contraction.Chain` contracts (live in the chain): its ``k``
+    values depend on that site's values, so they cannot be summed out of the belief and the
+    dim could not be recycled. Drawn per value of a site that is not contracted (a
+    ``SumAndSample`` or multi-sample step of a chain without ``Enumerate``), it keeps its own
+    sample dim: exact and unbiased, the values growing as :math:`k^T` along a chain."""
+    for dim, (parent, _) in chain.owners.items():
+        if len(batch_shape) >= -dim and batch_shape[dim] > 1:
+            raise StorchError(
+                f"site '{name}' (SumAndSample) is drawn per value of site '{parent}', an "
+                f"enumerated site of the pyro.markov chain that starts at "
+                f"'{chain.first_site}' (contracted by variable elimination): its summed and "
+                f"sampled values depend on the values of '{parent}', so they cannot be "
+                f"contracted with it. Use Enumerate() there (exact, contracted along the "
+                f"chain, linear in T) or ScoreFunction(), or make '{name}' independent of the "
+                f"chain's enumerated sites."
+            )
 
 
 def _mask_shape_error(name: str, mask: torch.Tensor, log_prob: torch.Tensor) -> MaskShapeError:
