@@ -85,7 +85,11 @@ def scg_cost(z, y, b, dtype):
 
 
 def _split(x):
-    return x[:8].reshape(2, 4), x[8:14].reshape(2, 3), x[14:16]
+    """The logits of z (2, 4), y (2, 3) and b (2,) in ``x`` (16,), or in each row of ``x``
+    (..., 16)."""
+    batch = x.shape[:-1]
+    return (x[..., :8].reshape(batch + (2, 4)), x[..., 8:14].reshape(batch + (2, 3)),
+            x[..., 14:16])
 
 
 def scg_model(x, sites):
