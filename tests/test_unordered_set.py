@@ -248,7 +248,8 @@ def variance_ratios(n):
 def test_variance_below_leave_one_out_on_a_toy():
     # Measured ratios at n=1500 (seed 0): k=2: 0.76, k=3: 0.48, k=4: 0.22. Each variance
     # estimate at n=1500 is good to ~5%: the bounds leave room for that noise only. (The
-    # estimates are also checked for bias.)
+    # estimates are also checked for bias.) Drawn as copies in a plate (_variance_5): 0.78,
+    # 0.48, 0.23 (seeds 1-3: 0.73-0.75, 0.46-0.48, 0.22-0.23).
     ratios = variance_ratios(1500)
     assert ratios[2] < 0.88 and ratios[3] < 0.56 and ratios[4] < 0.27, ratios
 
