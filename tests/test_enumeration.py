@@ -262,19 +262,56 @@ def elbo_params():
     }
 
 
+def _row(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a table (..., R, C) whose leading dims (copies, see
+    :func:`elbo_copies_stats`) broadcast with ``index``'s: a one-hot selection (exact)."""
+    one_hot = torch.nn.functional.one_hot(index, table.shape[-2]).to(table.dtype)
+    return (one_hot.unsqueeze(-1) * table).sum(-2)
+
+
 def make_model_guide(p, subsample_size=None):
+    """The parameters may carry a leading dim of copies (:func:`elbo_copies_stats`): ``qz``
+    (n, 4, 3), the others (n, 1, ...)."""
+
     def model():
         g = pyro.sample("g", dist.Categorical(logits=p["g_prior"]))
         with pyro.plate("data", N_DATA, subsample_size=subsample_size, dim=-1) as idx:
-            z = pyro.sample("z", dist.Categorical(logits=p["z_prior"][g]))
-            pyro.sample("x", dist.Normal(p["loc"][g, z], 1.0), obs=X_DATA[idx])
+            z = pyro.sample("z", dist.Categorical(logits=_row(p["z_prior"], g)))
+            loc = (torch.nn.functional.one_hot(z, 3).to(F64) * _row(p["loc"], g)).sum(-1)
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=X_DATA[idx])
 
     def guide():
         g = pyro.sample("g", dist.Categorical(logits=p["qg"]))
         with pyro.plate("data", N_DATA, subsample_size=subsample_size, dim=-1) as idx:
-            pyro.sample("z", dist.Categorical(logits=p["qz"][idx] + p["qw"][g]))
+            pyro.sample("z", dist.Categorical(logits=p["qz"][..., idx, :] + _row(p["qw"], g)))
 
     return model, guide
+
+
+def elbo_copies_stats(config, n) -> GradientStats:
+    """Gradient statistics of ``n`` estimates of the full-data -ELBO gradient with the
+    estimators of ``config``, drawn in one call: ``n`` copies of model and guide in
+    ``plate("copies", n)`` left of the data plate, each copy with its own parameters (the
+    gradient w.r.t. copy ``i``'s is one estimate). (With subsampling the copies would share
+    one subsample per call: not independent.)"""
+    _, exact = exact_elbo()
+    copies = {name: value.detach().expand(((n,) if name == "qz" else (n, 1)) + value.shape)
+              .clone().requires_grad_() for name, value in elbo_params().items()}
+    model, guide = make_model_guide(copies)
+
+    def in_copies(program):
+        def run():
+            with pyro.plate("copies", n, dim=-2):
+                program()
+
+        return run
+
+    with handlers.estimator(config=config):
+        loss = storch.StorchELBO().differentiable_loss(in_copies(model), in_copies(guide))
+    grads = torch.autograd.grad(loss, list(copies.values()))
+    samples = torch.cat([g.reshape(n, -1) for g in grads], 1)
+    variance = samples.var(0)
+    return GradientStats(samples.mean(0), variance, (variance / n).sqrt(), n, exact)
 
 
 def exact_elbo():
@@ -366,15 +403,17 @@ def _mixed_configs():
 
 @pytest.mark.parametrize("make_config, subsample_size, n, max_se", _mixed_configs())
 def test_elbo_mixed_unbiased(make_config, subsample_size, n, max_se):
-    _, exact_grad = exact_elbo()
-    p = elbo_params()
-    params = list(p.values())
-    model, guide = make_model_guide(p, subsample_size)
-    elbo = storch.StorchELBO()
-    with handlers.estimator(config=make_config()):
-        stats = gradient_stats(
-            lambda: elbo.differentiable_loss(model, guide), params, n, exact_grad
-        )
+    if subsample_size is None:  # n copies in a plate, one call
+        stats = elbo_copies_stats(make_config(), n)
+    else:
+        _, exact_grad = exact_elbo()
+        p = elbo_params()
+        model, guide = make_model_guide(p, subsample_size)
+        elbo = storch.StorchELBO()
+        with handlers.estimator(config=make_config()):
+            stats = gradient_stats(
+                lambda: elbo.differentiable_loss(model, guide), list(p.values()), n, exact_grad
+            )
     assert_unbiased(stats)
     assert stats.std_error.max() < max_se  # the power claimed above
 
