@@ -24,6 +24,7 @@ from tests.test_enumeration import (
     _variance_5,
     assert_unbiased,
     assert_zero_variance_exact,
+    elbo_copies_stats,
     elbo_params,
     exact_elbo,
     make_model_guide,
@@ -176,6 +177,8 @@ def test_values_are_distinct_categories_on_a_sample_dim_left_of_plates():
 
 
 def elbo_stats(config, subsample_size, n):
+    if subsample_size is None:  # n copies in a plate, one call
+        return elbo_copies_stats(config, n)
     _, exact_grad = exact_elbo()
     p = elbo_params()
     model, guide = make_model_guide(p, subsample_size)
