@@ -5,14 +5,19 @@ examples/NAME.py`` puts ``examples/`` on ``sys.path``).
 """
 
 import argparse
+import copy
 import inspect
 import os
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Type
 
+import pyro
+import pyro.distributions as dist
 import torch
 
 from storch_pyro import baselines, estimators
+from storch_pyro.errors import UnsupportedDistributionError
+from storch_pyro.estimators import Site
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
 BASELINES = {
@@ -57,15 +62,44 @@ def estimator_arguments(parser: argparse.ArgumentParser, default: str, n_samples
     )
 
 
-#: The estimators whose draws have a score term that takes a baseline (a
-#: :class:`~storch_pyro.estimators.Draw` with a ``score`` and no ``builtin_baseline``).
-_TAKES_BASELINE = (estimators.ScoreFunction, estimators.SumAndSample, estimators.REBAR,
-                   estimators.RELAX, estimators.LAX)
+def _probes(estimator: estimators.Estimator):
+    """Distributions to probe ``estimator`` on (:func:`takes_baseline`), in this order."""
+    yield dist.Bernoulli(logits=torch.zeros(2))
+    yield dist.Categorical(logits=torch.zeros(2, estimator.n_samples + 2))
+    yield dist.Normal(torch.zeros(2), 1.0)
 
 
-def takes_baseline(estimator: estimators.Estimator) -> bool:
-    """Whether a baseline from :mod:`storch_pyro.baselines` applies to ``estimator``."""
-    return isinstance(estimator, _TAKES_BASELINE)
+def _accepts(estimator: estimators.Estimator, fn: torch.distributions.Distribution) -> bool:
+    try:
+        estimator.check("baseline_probe", fn)
+    except UnsupportedDistributionError:
+        return False
+    return True
+
+
+def takes_baseline(estimator: estimators.Estimator,
+                   fn: Optional[torch.distributions.Distribution] = None) -> bool:
+    """Whether a baseline from :mod:`storch_pyro.baselines` applies to ``estimator``: as the
+    loss decides it, whether the estimator's :class:`~storch_pyro.estimators.Draw` has a
+    ``score`` and no ``builtin_baseline``. Found by one draw at a probe site of distribution
+    ``fn`` (default: the first of a Bernoulli, a Categorical, a Normal that the estimator
+    accepts; ``False`` if it accepts none, as a sequence estimator), on a deep copy of the
+    estimator, without autograd (not a training step), with Pyro's RNGs and param store
+    left as they were. So a new estimator needs no entry here."""
+    estimator = copy.deepcopy(estimator)  # check() and for_site() may name it after the site
+    if fn is None:
+        fn = next((f for f in _probes(estimator) if _accepts(estimator, f)), None)
+        if fn is None:
+            return False
+    rng = pyro.util.get_rng_state()
+    try:
+        with pyro.get_param_store().scope(), torch.no_grad():
+            site = Site("baseline_probe", fn, sample_dim=-1 - len(fn.batch_shape),
+                        plate_nesting=0)
+            draw = estimator.for_site(site.name).draw(site)
+    finally:
+        pyro.util.set_rng_state(rng)
+    return draw.score is not None and not draw.builtin_baseline
 
 
 def make_baseline(name: str, estimator: estimators.Estimator) -> Optional[baselines.Baseline]:

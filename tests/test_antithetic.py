@@ -237,20 +237,22 @@ def elbo_params():
 def make_model_guide(p, subsample_size=None, mask=None, mask_model=False, fn_mask=False):
     """``mask``: a ``poutine.mask`` over the guide's ``z`` (with ``fn_mask``, the
     distribution's own ``.mask(...)`` instead); with ``mask_model`` the same mask is applied
-    to the model's ``z`` and ``x`` (data points missing altogether)."""
+    to the model's ``z`` and ``x`` (data points missing altogether). The parameters may carry
+    a leading dim of copies (:func:`elbo_stats`): ``lz`` (n, 4), the others (n, 1, ...)."""
 
     def model():
         g = pyro.sample("g", dist.Bernoulli(logits=p["g_logit"]))
         with pyro.plate("data", N_DATA, subsample_size=subsample_size, dim=-1) as idx:
             with poutine.mask(mask=mask[idx] if mask is not None and mask_model else True):
-                z = pyro.sample("z", dist.Bernoulli(logits=p["z_prior"][0] + p["z_prior"][1] * g))
-                loc = p["loc"][0] + p["loc"][1] * z + p["loc"][2] * g
+                z_logits = p["z_prior"][..., 0] + p["z_prior"][..., 1] * g
+                z = pyro.sample("z", dist.Bernoulli(logits=z_logits))
+                loc = p["loc"][..., 0] + p["loc"][..., 1] * z + p["loc"][..., 2] * g
                 pyro.sample("x", dist.Normal(loc, 1.0), obs=X_DATA[idx])
 
     def guide():
         g = pyro.sample("g", dist.Bernoulli(logits=p["pg"]))
         with pyro.plate("data", N_DATA, subsample_size=subsample_size, dim=-1) as idx:
-            fn = dist.Bernoulli(logits=p["lz"][idx] + p["w"] * g)
+            fn = dist.Bernoulli(logits=p["lz"][..., idx] + p["w"] * g)
             if mask is not None and fn_mask:
                 fn = fn.mask(mask[idx])
             with poutine.mask(mask=mask[idx] if mask is not None and not fn_mask else True):
@@ -295,16 +297,36 @@ def exact_elbo_gradient(mask=None, mask_model=False, fn_mask=False) -> torch.Ten
 def elbo_stats(
     config, n, subsample_size=None, mask=None, mask_model=False, fn_mask=False, **elbo_kwargs
 ):
+    """``n`` gradient estimates against the exact gradient. Without subsampling they are
+    drawn in one call, as ``n`` copies of model and guide in ``plate("copies", n)`` left of
+    the data plate, each copy with its own parameters (the gradient w.r.t. copy ``i``'s is one
+    estimate); with it, in ``n`` calls (one subsample is drawn per call, shared by the
+    copies: their estimates would not be independent)."""
+    exact = exact_elbo_gradient(mask, mask_model, fn_mask)
     p = elbo_params()
-    model, guide = make_model_guide(p, subsample_size, mask, mask_model, fn_mask)
-    guide = handlers.estimator(guide, config=config)
     elbo = storch.StorchELBO(**elbo_kwargs)
-    return gradient_stats(
-        lambda: elbo.differentiable_loss(model, guide),
-        list(p.values()),
-        n,
-        exact_elbo_gradient(mask, mask_model, fn_mask),
-    )
+    if subsample_size is not None:
+        model, guide = make_model_guide(p, subsample_size, mask, mask_model, fn_mask)
+        guide = handlers.estimator(guide, config=config)
+        return gradient_stats(lambda: elbo.differentiable_loss(model, guide), list(p.values()),
+                              n, exact)
+    copies = {name: value.detach().expand(((n,) if name == "lz" else (n, 1)) + value.shape)
+              .clone().requires_grad_() for name, value in p.items()}
+    model, guide = make_model_guide(copies, None, mask, mask_model, fn_mask)
+
+    def in_copies(program):
+        def run():
+            with pyro.plate("copies", n, dim=-2):
+                program()
+
+        return run
+
+    guide = handlers.estimator(in_copies(guide), config=config)
+    grads = torch.autograd.grad(elbo.differentiable_loss(in_copies(model), guide),
+                                list(copies.values()))
+    samples = torch.cat([g.reshape(n, -1) for g in grads], 1)
+    variance = samples.var(0)
+    return GradientStats(samples.mean(0), variance, (variance / n).sqrt(), n, exact)
 
 
 def _disarm_both():

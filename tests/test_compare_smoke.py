@@ -46,15 +46,16 @@ def test_compare_reports_unsupported_estimators(tmp_path):
 
 def test_parallel_parts_merge_into_one_table(tmp_path):
     """benchmarks.parallel: one process per method and seed, merged; the same numbers as
-    one process would give (each part seeds itself from its seed alone)."""
+    one process would give (each part seeds itself from its seed alone). One method and two
+    seeds (two processes); merging several methods is checked in process below."""
     common = ["--model", "categorical", "--latents", "2", "--steps", "2", "--eval-every", "2",
               "--var-samples", "0", "--test-samples", "3", "--test-size", "10", "--no-plots"]
-    single = compare.main([*common, "--seeds", "0", "1", "--methods", "disarm", "sf-ma",
+    single = compare.main([*common, "--seeds", "0", "1", "--methods", "sf-ma",
                            "--no-progress", "--out", str(tmp_path / "single")])
     assert parallel.main(["--jobs", "2", "--", *common, "--seeds", "0", "1", "--methods",
-                          "disarm", "sf-ma", "--out", str(tmp_path / "merged")]) == 0
+                          "sf-ma", "--out", str(tmp_path / "merged")]) == 0
     merged = json.loads((tmp_path / "merged" / "results.json").read_text())
-    assert merged["methods"] == ["disarm", "sf-ma"] and merged["config"]["seeds"] == [0, 1]
+    assert merged["methods"] == ["sf-ma"] and merged["config"]["seeds"] == [0, 1]
 
     def finals(results):
         return sorted((r["method"], r["seed"], r["final"]["train_elbo"], r["final"]["test_bound"])
@@ -62,7 +63,24 @@ def test_parallel_parts_merge_into_one_table(tmp_path):
 
     assert finals(merged) == finals(single)
     table = (tmp_path / "merged" / "results.md").read_text()
-    assert "| disarm |" in table and "Mean ± s.e. over 2 seeds." in table
+    assert "| sf-ma |" in table and "Mean ± s.e. over 2 seeds." in table
+
+
+def test_merge_keeps_methods_and_seeds_in_first_seen_order():
+    """report.merge of parts as benchmarks.parallel writes them (one method and seed each,
+    seeds outer): methods and seeds in first-seen order, runs concatenated."""
+    def part(method, seed):
+        return {"config": {"model": "m", "dataset": "d", "steps": 2, "batch_size": 5,
+                           "lr": 0.1, "seeds": [seed]},
+                "methods": [method], "twins": {method: f"torch:{method}"},
+                "runs": [{"method": method, "seed": seed}]}
+
+    parts = [part(method, seed) for seed in (1, 0) for method in ("disarm", "sf-ma")]
+    merged = report.merge(parts)
+    assert merged["methods"] == ["disarm", "sf-ma"] and merged["config"]["seeds"] == [1, 0]
+    assert merged["twins"] == {"disarm": "torch:disarm", "sf-ma": "torch:sf-ma"}
+    assert merged["runs"] == [p["runs"][0] for p in parts]
+    assert [p["config"]["seeds"] for p in parts] == [[1], [1], [0], [0]]  # not mutated
 
 
 def test_parallel_replaces_only_the_per_part_arguments():
