@@ -334,6 +334,18 @@ def test_sum_and_sample_chain_raises():
         elbo.loss(_sum_and_sample_on_enumerated_chain(4), None)
 
 
+def _batch_gradient_stats(program, params, N, batches):
+    """Mean and s.e. over ``batches`` calls of a fresh StorchELBO's gradient of the
+    SCG ``program`` (a plate of ``N`` draws per call, averaged)."""
+    elbo = storch.StorchELBO(max_plate_nesting=1)
+    draws = []
+    for _ in range(batches):
+        loss = elbo.differentiable_loss(program, None) / N
+        draws.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    draws = torch.stack(draws)
+    return draws.mean(0), draws.std(0) / batches ** 0.5
+
+
 @pytest.mark.parametrize("make", [
     pytest.param(lambda: estimators.SumAndSample(2), id="sum-and-sample"),
     pytest.param(lambda: estimators.ScoreFunction(n_samples=2), id="score-function-n2"),
@@ -370,14 +382,8 @@ def test_uncontracted_markov_chain_is_unbiased(make):
         exact = exact + (marginal * cost).sum()
     params = (W, init)
     exact = torch.cat([g.flatten() for g in torch.autograd.grad(exact, params)])
-    elbo = storch.StorchELBO(max_plate_nesting=1)
     torch.manual_seed(0)
-    draws = []
-    for _ in range(batches):
-        loss = elbo.differentiable_loss(program, None) / N
-        draws.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
-    draws = torch.stack(draws)
-    mean, se = draws.mean(0), draws.std(0) / batches ** 0.5
+    mean, se = _batch_gradient_stats(program, params, N, batches)
     assert se.max() < 0.006, se
     assert ((mean - exact).abs() < 4.5 * se + 1e-9).all(), (mean, exact, se)
 
@@ -393,12 +399,6 @@ def test_sum_and_sample_steps_on_a_global_site_are_unbiased():
     W, init = params
     exact = (T - 1) * (init.softmax(-1) * (W.softmax(-1) @ cost)).sum()
     exact = torch.cat([g.flatten() for g in torch.autograd.grad(exact, params)])
-    elbo = storch.StorchELBO(max_plate_nesting=1)
-    draws = []
-    for _ in range(batches):
-        loss = elbo.differentiable_loss(program, None) / N
-        draws.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
-    draws = torch.stack(draws)
-    mean, se = draws.mean(0), draws.std(0) / batches ** 0.5
+    mean, se = _batch_gradient_stats(program, params, N, batches)
     assert se.max() < 0.01, se
     assert ((mean - exact).abs() < 4.5 * se + 1e-9).all(), (mean, exact, se)

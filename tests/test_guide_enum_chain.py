@@ -16,9 +16,11 @@ from storch_pyro.errors import StorchError
 K = 3
 
 
-def _params(T, seed=0):
+def _params(T, seed=0, extra=None):
+    """Random float64 parameters (the HMM's, plus ``extra`` name -> shape) and T data."""
     generator = torch.Generator().manual_seed(seed)
-    names = {"init": (K,), "trans": (K, K), "locs": (K,), "q0": (K,), "qtrans": (K, K)}
+    names = {"init": (K,), "trans": (K, K), "locs": (K,), "q0": (K,), "qtrans": (K, K),
+             **(extra or {})}
     params = {name: torch.randn(shape, generator=generator, dtype=torch.float64)
               for name, shape in names.items()}
     for value in params.values():
@@ -375,17 +377,6 @@ def test_subsampled_scaled_guide_chain_equals_trace_enum():
     _assert_close(got, want, [W, V, locs], tol=1e-10)
 
 
-def _emission_params(T, seed=7):
-    generator = torch.Generator().manual_seed(seed)
-    names = {"init": (K,), "trans": (K, K), "locs": (K,), "q0": (K,), "qtrans": (K, K),
-             "emit": (K, 2), "shift": (2,)}
-    params = {name: torch.randn(shape, generator=generator, dtype=torch.float64)
-              for name, shape in names.items()}
-    for value in params.values():
-        value.requires_grad_()
-    return params, torch.randn(T, generator=generator, dtype=torch.float64)
-
-
 def _steps(T, markov):
     return pyro.markov(range(T)) if markov else range(T)
 
@@ -425,7 +416,7 @@ def test_guide_chain_with_model_enumeration_equals_trace_enum(T, credit):
     form in the model (T = 5 and 50), and at T = 5 with the same sites enumerated and no
     pyro.markov (exponential, exact). (TraceEnum_ELBO itself cannot run this model with
     pyro.markov: the model's enumeration dims collide with the guide's.) Dims stay bounded."""
-    p, data = _emission_params(T)
+    p, data = _params(T, seed=7, extra={"emit": (K, 2), "shift": (2,)})
     params = list(p.values())
     ranks = []
     elbo = storch.StorchELBO(max_plate_nesting=0, default_estimator=estimators.Enumerate(),

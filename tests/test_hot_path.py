@@ -34,6 +34,16 @@ class _Spy(Messenger):
         self.seen.append(msg["name"])
 
 
+def _with_bystander(model):
+    """``model`` run under an unknown user handler (the full apply_stack path)."""
+
+    def wrapped():
+        with _Bystander():
+            model()
+
+    return wrapped
+
+
 def _handled_model(w, bystander=False):
     """Costs under nested, subsampled and sequential plates, poutine.scale, poutine.mask and
     pyro.markov, of full and lower rank."""
@@ -60,14 +70,7 @@ def _handled_model(w, bystander=False):
         for i in pyro.plate("seq", 2):
             storch.add_cost(f"seq_{i}", w[0] * i)
 
-    if not bystander:
-        return model
-
-    def wrapped():
-        with _Bystander():
-            model()
-
-    return wrapped
+    return _with_bystander(model) if bystander else model
 
 
 def _record(model, seed=3, log=None):
@@ -293,14 +296,7 @@ def _sites_model(w, bystander=False):
                           infer={"is_observed": True}, obs=torch.tensor(0.1))
             storch.add_cost("c", (z * g).sum() + prev)
 
-    if not bystander:
-        return model
-
-    def wrapped():
-        with _Bystander():
-            model()
-
-    return wrapped
+    return _with_bystander(model) if bystander else model
 
 
 def test_sample_fast_path_draws_and_records_what_pyro_sample_does(monkeypatch):
